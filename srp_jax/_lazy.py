@@ -1,0 +1,35 @@
+"""The one bridge from ``srp_jax`` to ``convert`` (the only package that imports torch).
+
+Reached lazily, so ``import srp_jax`` never imports torch; without torch the error names the
+``convert`` extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from .errors import DependencyError
+
+INSTALL_HINT = "install the 'convert' extra: pip install 'srp-jax[convert]' (it pins torch==2.13.0)"
+
+
+def require_torch(what: str) -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise DependencyError(f"{what} needs PyTorch, which is not installed; {INSTALL_HINT}")
+
+
+def read_pt(path, **kwargs: Any) -> dict[str, Any]:
+    """Read a ``.pt`` checkpoint safely (``torch.load(weights_only=True)``) into NumPy."""
+    require_torch(f"reading {path}")
+    from convert.pt_io import read_pt as _read
+
+    return _read(path, **kwargs)
+
+
+def write_pt(obj: dict[str, Any], path, **kwargs: Any) -> None:
+    """Write a reference-schema ``.pt`` checkpoint atomically."""
+    require_torch(f"writing {path}")
+    from convert.pt_io import write_pt as _write
+
+    _write(obj, path, **kwargs)

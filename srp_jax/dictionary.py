@@ -1,0 +1,287 @@
+"""``Dictionary``: a factorizer config + parameter/buffer pytrees + the checkpoint's row stats.
+
+This is what ``load_factorizer`` returns. It binds the pure kernels of
+:mod:`srp_jax.factorizers` for users who want the reference's call style
+(``sae.encode(x, k)``, ``sae.decode(code)``, ``sae.k``); JAX-native code can use
+``dictionary.params`` / ``dictionary.buffers`` with the pure functions directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import factorizers as F
+from ._arrays import as_float_array, check_last_dim, to_numpy
+from .config import FactorizerConfig
+from .errors import CheckpointError, MissingConfigError, ShapeError
+
+
+@dataclasses.dataclass
+class Dictionary:
+    """A loaded or trained factorizer.
+
+    Attributes: ``config`` (FactorizerConfig), ``params`` / ``buffers`` (pytrees, see
+    :mod:`srp_jax.factorizers`), ``d_model``; from the checkpoint when present (else None):
+    ``row_mean`` (d,), ``row_norms`` (V,), ``row_token_ids`` (V,) int64 NumPy, ``metrics``,
+    ``evaluation`` (the raw ``evaluation`` block), ``factorizer_block`` (the raw ``factorizer``
+    block, kept verbatim for round trips), ``source_config`` (a Hub checkpoint's ``config``
+    block, verbatim). ``training`` mirrors torch's ``.training`` (BatchTopK encodes with batch
+    selection and updates its threshold while it is True).
+    """
+
+    config: FactorizerConfig
+    params: F.Params
+    buffers: F.Buffers
+    d_model: int
+    row_mean: jax.Array | None = None
+    row_norms: jax.Array | None = None
+    row_token_ids: np.ndarray | None = None
+    metrics: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    factorizer_block: dict[str, Any] | None = None
+    source_config: dict[str, Any] | None = None
+    training: bool = False
+    frozen: bool = False
+
+    # ---- reference-style attributes
+    @property
+    def k(self) -> int:
+        """The trained k (TopK family, batch_topk) or d_features (the reference's ``model.k``)."""
+        return self.config.native_k
+
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    @property
+    def d_features(self) -> int:
+        return self.config.d_features
+
+    @property
+    def decoder(self) -> jax.Array:
+        return self.params["decoder"]
+
+    # ---- mode switches (torch-like)
+    def train(self, mode: bool = True) -> Dictionary:
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> Dictionary:
+        return self.train(False)
+
+    # ---- kernels
+    def _rows(self, x: Any, name: str = "x") -> jax.Array:
+        arr = as_float_array(x, name=name, ndim=(1, 2))
+        check_last_dim(name, arr, self.d_model)
+        return arr
+
+    def encode(self, x: Any, k: int | None = None) -> jax.Array:
+        """Code (B, D) of normalized rows x (B, d) (or (D,) for one row (d,))."""
+        arr = self._rows(x)
+        single = arr.ndim == 1
+        batch = arr[None] if single else arr
+        if self.training and self.architecture == "batch_topk":
+            out = F.forward_jit(self.config, self.params, self.buffers, batch, _static_k(k), train=True)
+            self.buffers = out.buffers
+            code = out.code
+        else:
+            F.check_ready(self.config, self.buffers)
+            code = F.encode_jit(self.config, self.params, self.buffers, batch, _static_k(k))
+        return code[0] if single else code
+
+    def decode(self, code: Any) -> jax.Array:
+        """code (B, D) -> reconstruction (B, d) in normalized-row space."""
+        arr = as_float_array(code, name="code", ndim=(1, 2))
+        check_last_dim("code", arr, self.d_features, "the dictionary's d_features")
+        return F.decode_jit(self.params, arr)
+
+    def forward(self, x: Any, k: int | None = None) -> F.FactorizerOutput:
+        """The reference ``forward`` in the current mode (updates buffers when training)."""
+        arr = self._rows(x)
+        batch = arr[None] if arr.ndim == 1 else arr
+        if not self.training:
+            F.check_ready(self.config, self.buffers)
+        out = F.forward_jit(self.config, self.params, self.buffers, batch, _static_k(k), train=self.training)
+        if self.training:
+            self.buffers = out.buffers
+        return out
+
+    __call__ = forward
+
+    # ---- checkpoint dicts
+    @classmethod
+    def from_checkpoint_dict(
+        cls,
+        ckpt: Mapping[str, Any],
+        *,
+        d_model: int | None = None,
+        factorizer_config: Mapping[str, Any] | FactorizerConfig | None = None,
+        source: str = "checkpoint",
+        dtype=None,
+    ) -> Dictionary:
+        """Build from a reference checkpoint dict (every loader variant of the reference).
+
+        Config: ``factorizer_config``, else ``ckpt['factorizer']``, else
+        ``ckpt['config']['factorizer']`` (truthiness fallbacks; KeyError-compatible
+        :class:`MissingConfigError` if none). Weights: ``model_state_dict``, else
+        ``state_dict``, else the dict itself. ``d_model`` defaults to ``encoder.weight.shape[1]``.
+        """
+        if not isinstance(ckpt, Mapping):
+            raise CheckpointError(f"{source}: expected a checkpoint dict, got {type(ckpt).__name__}")
+        config_block = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else None
+        if isinstance(factorizer_config, FactorizerConfig):
+            cfg, block = factorizer_config, factorizer_config.to_dict()
+        else:
+            block = factorizer_config or ckpt.get("factorizer") or (config_block or {}).get("factorizer")
+            if not block:
+                raise MissingConfigError(
+                    f"{source}: no factorizer config (looked for 'factorizer' and 'config.factorizer'); "
+                    "pass factorizer_config="
+                )
+            if not isinstance(block, Mapping):
+                raise CheckpointError(f"{source}: factorizer config must be a dict, got {type(block).__name__}")
+            cfg = FactorizerConfig.from_dict(block, strict=False)
+        state = ckpt.get("model_state_dict") or ckpt.get("state_dict") or ckpt
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{source}: the state dict is a {type(state).__name__}, not a dict")
+        if d_model is None:
+            if "encoder.weight" not in state:
+                raise ShapeError(f"{source}: cannot infer d_model: 'encoder.weight' is missing; pass d_model=")
+            shape = np.shape(to_numpy(state["encoder.weight"], name=f"{source}['encoder.weight']"))
+            if len(shape) != 2:
+                raise ShapeError(f"{source}: 'encoder.weight' must be 2-D (D, d), got shape {tuple(shape)}")
+            d_model = int(shape[1])
+        params, buffers = F.state_dict_to_variables(state, cfg, int(d_model), source=source, dtype=dtype)
+
+        def _opt_float(key: str, ndim: int) -> jax.Array | None:
+            if key not in ckpt or ckpt[key] is None:
+                return None
+            arr = to_numpy(ckpt[key], name=f"{source}[{key!r}]")
+            if arr.ndim != ndim:
+                raise ShapeError(f"{source}: {key!r} must have rank {ndim}, got shape {arr.shape}")
+            return jnp.asarray(arr.astype(np.float32))
+
+        row_mean = _opt_float("row_mean", 1)
+        if row_mean is not None and row_mean.shape[0] != d_model:
+            raise ShapeError(f"{source}: 'row_mean' has length {row_mean.shape[0]}, expected d_model={d_model}")
+        row_token_ids = None
+        if ckpt.get("row_token_ids") is not None:
+            row_token_ids = to_numpy(ckpt["row_token_ids"], name=f"{source}['row_token_ids']").astype(np.int64)
+        evaluation = ckpt.get("evaluation")
+        return cls(
+            config=cfg,
+            params=params,
+            buffers=buffers,
+            d_model=int(d_model),
+            row_mean=row_mean,
+            row_norms=_opt_float("row_norms", 1),
+            row_token_ids=row_token_ids,
+            metrics=dict(ckpt["metrics"]) if isinstance(ckpt.get("metrics"), Mapping) else None,
+            evaluation=dict(evaluation) if isinstance(evaluation, Mapping) else None,
+            factorizer_block=dict(block),
+            source_config=dict(config_block) if config_block is not None else None,
+        )
+
+    def to_checkpoint_dict(self) -> dict[str, Any]:
+        """The reference runner layout with NumPy arrays (``convert`` turns them into tensors).
+
+        Keys: model_state_dict, factorizer, evaluation, row_mean, row_norms, row_token_ids,
+        metrics (each optional one only when present), and ``config`` when the source had it.
+        """
+        out: dict[str, Any] = {
+            "model_state_dict": F.variables_to_state_dict(self.params, self.buffers, self.config),
+            "factorizer": dict(self.factorizer_block) if self.factorizer_block else self.config.to_dict(),
+        }
+        if self.evaluation is not None:
+            out["evaluation"] = dict(self.evaluation)
+        if self.row_mean is not None:
+            out["row_mean"] = np.asarray(self.row_mean, dtype=np.float32)
+        if self.row_norms is not None:
+            out["row_norms"] = np.asarray(self.row_norms, dtype=np.float32)
+        if self.row_token_ids is not None:
+            out["row_token_ids"] = np.asarray(self.row_token_ids, dtype=np.int64)
+        if self.metrics is not None:
+            out["metrics"] = dict(self.metrics)
+        if self.source_config is not None:
+            out["config"] = dict(self.source_config)
+        return out
+
+
+def _static_k(k: Any) -> int | None:
+    """k as a hashable static argument (None/0 fall back inside the kernels)."""
+    if k is None:
+        return None
+    if isinstance(k, (jax.Array, np.ndarray)):
+        k = int(np.asarray(k))
+    return int(k)
+
+
+def load_factorizer(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    *,
+    d_model: int | None = None,
+    factorizer_config: Mapping[str, Any] | FactorizerConfig | None = None,
+    device: Any = None,
+    freeze: bool = False,
+    eval_mode: bool = True,
+) -> Dictionary:
+    """Load a dictionary (the reference signature).
+
+    ``checkpoint`` may be a loaded checkpoint dict, a ``checkpoint.pt`` path (read by
+    ``convert`` with ``torch.load(weights_only=True)``; needs the ``convert`` extra), an
+    srp-jax (Orbax) checkpoint directory, a training run directory (its ``checkpoint/``), or
+    ``"hub:<model>/<op>"`` for a published dictionary. ``device`` is a ``jax.Device`` (or a
+    platform name such as ``"cpu"``) to place the arrays on; ``freeze`` only records intent
+    (JAX arrays are immutable); ``eval_mode=False`` returns it in training mode.
+    """
+    if isinstance(checkpoint, Mapping):
+        dictionary = Dictionary.from_checkpoint_dict(
+            checkpoint, d_model=d_model, factorizer_config=factorizer_config
+        )
+    else:
+        dictionary = _load_from_location(checkpoint, d_model=d_model, factorizer_config=factorizer_config)
+    if device is not None:
+        dev = jax.devices(device)[0] if isinstance(device, str) else device
+        dictionary.params = jax.device_put(dictionary.params, dev)
+        dictionary.buffers = jax.device_put(dictionary.buffers, dev)
+    dictionary.frozen = bool(freeze)
+    dictionary.training = not eval_mode
+    return dictionary
+
+
+def _load_from_location(location, *, d_model, factorizer_config) -> Dictionary:
+    text = os.fspath(location)
+    if text.startswith("hub:"):
+        from . import hub
+
+        location = hub.fetch_checkpoint(text[len("hub:"):])
+        text = os.fspath(location)
+    path = Path(text)
+    if path.is_dir():
+        from . import checkpoint as orbax_checkpoint
+
+        dictionary = orbax_checkpoint.load_dictionary(path)
+        if factorizer_config is not None or d_model is not None:
+            cfg = (
+                factorizer_config
+                if isinstance(factorizer_config, FactorizerConfig)
+                else FactorizerConfig.from_dict(factorizer_config or dictionary.factorizer_block, strict=False)
+            )
+            dictionary = Dictionary.from_checkpoint_dict(
+                dictionary.to_checkpoint_dict(), d_model=d_model, factorizer_config=cfg, source=str(path)
+            )
+        return dictionary
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    from ._lazy import read_pt
+
+    ckpt = read_pt(path)
+    return Dictionary.from_checkpoint_dict(ckpt, d_model=d_model, factorizer_config=factorizer_config, source=str(path))
