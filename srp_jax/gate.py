@@ -1,0 +1,219 @@
+"""The fidelity gate: withhold an explanation when the sparse reconstruction fails the query.
+
+``fidelity_gate`` is one pure, jittable, elementwise function. With ``eps = s_exact - s_recon``
+it checks a sign agreement and a residual share ``rho = |eps| / denominator(|s_exact|)``.
+Presets reproduce each published artefact (spec decision 1):
+
+| preset | rho denominator | pass if | sign rule |
+| ``accepted`` (default; the baseline runner, the paper's "covered") | max(|s|, 1e-6) | rho < 0.5 | (s_exact > 0) == (s_recon > 0) |
+| ``plus_delta`` (the formula the paper text states) | |s| + 0.5 | rho < 0.5 | (s_exact > 0) == (s_recon > 0) |
+| ``floor`` (the benchmark suite) | max(|s|, 0.5) | rho < 0.5 | np.sign(s_exact) == np.sign(feature_sum) |
+| ``frontier`` (C4 headline frontier@0.5) | max(|s|, 0.5) | rho <= 0.5 | (s_exact > 0) == (s_recon > 0) |
+
+``explain`` = decompose + gate: an *explained* result carries the per-feature explanation; a
+*withheld* one keeps the scores, eps, rho and the failing reason and no features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import ConfigError
+
+REASONS = ("ok", "sign_flip", "residual_share", "tiny_margin")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateRule:
+    """A gate's parameters. ``rho_form``: "unfloored" max(|s|, eps) | "floor" max(|s|, delta)
+    | "plus" |s| + delta. ``sign_mode``: "gt0" ((x > 0) == (y > 0)) | "npsign" (np.sign
+    equality, 0 its own sign). ``sign_against``: "recon" (s_recon) | "feature_sum"."""
+
+    rho_form: str = "unfloored"
+    delta: float = 0.5
+    eps: float = 1e-6
+    max_rho: float = 0.5
+    strict: bool = True
+    sign_mode: str = "gt0"
+    sign_against: str = "recon"
+    min_abs_exact: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rho_form not in ("unfloored", "floor", "plus"):
+            raise ConfigError(f"rho_form must be 'unfloored', 'floor' or 'plus', got {self.rho_form!r}")
+        if self.sign_mode not in ("gt0", "npsign"):
+            raise ConfigError(f"sign_mode must be 'gt0' or 'npsign', got {self.sign_mode!r}")
+        if self.sign_against not in ("recon", "feature_sum"):
+            raise ConfigError(f"sign_against must be 'recon' or 'feature_sum', got {self.sign_against!r}")
+
+
+PRESETS: dict[str, GateRule] = {
+    "accepted": GateRule(rho_form="unfloored", eps=1e-6, strict=True, sign_mode="gt0"),
+    "plus_delta": GateRule(rho_form="plus", delta=0.5, strict=True, sign_mode="gt0"),
+    "floor": GateRule(rho_form="floor", delta=0.5, strict=True, sign_mode="npsign", sign_against="feature_sum"),
+    "frontier": GateRule(rho_form="floor", delta=0.5, strict=False, sign_mode="gt0"),
+}
+
+
+def gate_rule(preset: str | GateRule = "accepted", **overrides: Any) -> GateRule:
+    """A preset by name (or a rule), with field overrides."""
+    if isinstance(preset, GateRule):
+        rule = preset
+    elif preset in PRESETS:
+        rule = PRESETS[preset]
+    else:
+        raise ConfigError(f"unknown gate preset {preset!r} (expected one of: {', '.join(PRESETS)})")
+    return dataclasses.replace(rule, **overrides) if overrides else rule
+
+
+@flax.struct.dataclass
+class GateResult:
+    """Elementwise gate verdicts: ``passed`` bool, ``rho`` float, ``sign_match`` bool,
+    ``reason`` int code into :data:`REASONS` (0 ok, 1 sign_flip, 2 residual_share,
+    3 tiny_margin; the first failing check in that order: tiny margin, sign, share)."""
+
+    passed: jax.Array
+    rho: jax.Array
+    sign_match: jax.Array
+    reason: jax.Array
+
+    def reason_names(self) -> Any:
+        """Reason codes as strings (a str for a scalar result, else a NumPy array of str)."""
+        codes = np.asarray(self.reason)
+        names = np.asarray(REASONS, dtype=object)[codes]
+        return str(names) if codes.ndim == 0 else names
+
+
+def fidelity_gate(
+    s_exact: Any,
+    s_recon: Any,
+    feature_sum: Any = None,
+    *,
+    preset: str | GateRule = "accepted",
+    **overrides: Any,
+) -> GateResult:
+    """Gate scores elementwise (scalars or arrays of any matching shape; jit/vmap-safe).
+
+    ``s_exact`` the exact score, ``s_recon`` the sparse reconstruction (base included when
+    the query has one), ``feature_sum`` only for rules that compare signs against it.
+    """
+    rule = gate_rule(preset, **overrides)
+    s = jnp.asarray(s_exact, jnp.float32)
+    r = jnp.asarray(s_recon, jnp.float32)
+    err = jnp.abs(s - r)
+    mag = jnp.abs(s)
+    if rule.rho_form == "unfloored":
+        rho = err / jnp.maximum(mag, rule.eps)
+    elif rule.rho_form == "floor":
+        rho = err / jnp.maximum(mag, rule.delta)
+    else:
+        rho = err / (mag + rule.delta)
+    if rule.sign_against == "feature_sum":
+        if feature_sum is None:
+            raise ConfigError("this gate rule compares signs against feature_sum: pass feature_sum=")
+        other = jnp.asarray(feature_sum, jnp.float32)
+    else:
+        other = r
+    if rule.sign_mode == "gt0":
+        sign_match = (s > 0) == (other > 0)
+    else:
+        sign_match = jnp.sign(s) == jnp.sign(other)
+    share_ok = rho < rule.max_rho if rule.strict else rho <= rule.max_rho
+    tiny = (mag < rule.min_abs_exact) if rule.min_abs_exact is not None else jnp.zeros_like(sign_match)
+    reason = jnp.where(tiny, 3, jnp.where(~sign_match, 1, jnp.where(~share_ok, 2, 0))).astype(jnp.int32)
+    return GateResult(passed=reason == 0, rho=rho, sign_match=sign_match, reason=reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """The result of :func:`explain`.
+
+    Always: ``explained`` (bool), ``reason`` ("ok" or why it was withheld), ``scores`` (exact,
+    approx, base, feature_sum, residual, rho, sign_match, identity_abs_error), ``query``
+    (kind, weights, mean_subtract and metadata), ``gate`` (the rule used). ``features``: the
+    per-feature rows sorted by |contribution| descending (top ``top_features``) when
+    explained, None when withheld.
+    """
+
+    explained: bool
+    reason: str
+    scores: dict[str, float]
+    query: dict[str, Any]
+    gate: dict[str, Any]
+    features: list[dict[str, Any]] | None
+
+    @property
+    def withheld(self) -> bool:
+        return not self.explained
+
+
+def explain(
+    h: Any,
+    model: Any,
+    *,
+    W_U: Any,
+    query_kind: str = "selected_token",
+    target: Any = None,
+    target_a: Any = None,
+    target_b: Any = None,
+    target_family: Sequence[Any] = (),
+    contrast_family: Sequence[Any] = (),
+    top_competitors: int = 10,
+    competitor_rank: int = 5,
+    tokenizer: Any = None,
+    logits: Any = None,
+    row_mean: Any = None,
+    k: int | None = None,
+    preset: str | GateRule = "accepted",
+    top_features: int | None = None,
+    **gate_overrides: Any,
+) -> Explanation:
+    """Decompose one query (any kind of :func:`srp_jax.decompose.build_query_weights`) for
+    hidden state ``h`` (d,) and gate it; see :class:`Explanation`.
+
+    ``logits`` (V,) default to h . W_U (float32); the winner kinds rank them.
+    """
+    from .decompose import build_query_weights, decompose_query
+
+    rule = gate_rule(preset, **gate_overrides)
+    if logits is None and query_kind in ("winner_vs_topk", "winner_vs_rank"):
+        from ._arrays import as_float_array
+
+        logits = jnp.matmul(
+            as_float_array(W_U, name="W_U", ndim=2), as_float_array(h, name="h", ndim=1),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+    weights, mean_subtract, meta = build_query_weights(
+        query_kind, target=target, target_a=target_a, target_b=target_b, target_family=target_family,
+        contrast_family=contrast_family, logits=logits, top_competitors=top_competitors,
+        competitor_rank=competitor_rank, tokenizer=tokenizer,
+    )
+    q = decompose_query(h, weights, model, W_U=W_U, row_mean=row_mean, mean_subtract=mean_subtract, logits=logits, k=k)
+    verdict = fidelity_gate(q.exact_score, q.approx_score, q.sparse_feature_sum, preset=rule)
+    scores = {
+        "exact": float(q.exact_score),
+        "approx": float(q.approx_score),
+        "base": float(q.base_term),
+        "feature_sum": float(q.sparse_feature_sum),
+        "residual": float(q.residual),
+        "rho": float(verdict.rho),
+        "sign_match": bool(verdict.sign_match),
+        "identity_abs_error": float(q.identity_abs_error),
+    }
+    query = {"weights": {int(t): float(w) for t, w in weights.items()}, "mean_subtract": mean_subtract, **meta}
+    passed = bool(verdict.passed)
+    features = None
+    if passed:
+        rows = sorted(q.feature_rows(), key=lambda row: -row["abs_contribution"])
+        features = rows if top_features is None else rows[: int(top_features)]
+    return Explanation(passed, verdict.reason_names(), scores, query, dataclasses.asdict(rule), features)
+
+
+__all__ = ["GateRule", "GateResult", "PRESETS", "REASONS", "gate_rule", "fidelity_gate", "Explanation", "explain"]

@@ -1,0 +1,66 @@
+"""Preprocessing and the Readout: reference values, the 1e-8 clamp, the row-mean order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from srp_jax.errors import NonFiniteError, ShapeError
+from srp_jax.readout import Readout, center_normalize_rows, preprocess_rows, resolve_row_mean
+
+from conftest import load_npz
+
+
+def test_preprocess_matches_reference():
+    W = load_npz("topk", "inputs.npz")["W_U"]
+    ref = load_npz("topk", "preprocess.npz")
+    mean, norms, x = preprocess_rows(W)
+    np.testing.assert_allclose(mean, ref["row_mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norms, ref["row_norms"], rtol=1e-5)
+    np.testing.assert_allclose(x, ref["rows_normalized"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x, ref["rows_normalized_f64"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(x), axis=1), 1.0, rtol=1e-5)
+
+
+def test_zero_row_clamps_to_1e_8_and_accepts_torch_tensors():
+    W = np.ones((4, 3), np.float32)
+    W[1] = [2.0, 0.0, 5.0]
+    mean = W.mean(0)
+    W[2] = mean  # centered row is exactly 0
+    norms, x = center_normalize_rows(torch.from_numpy(W), torch.from_numpy(mean))
+    assert float(norms[2]) == pytest.approx(1e-8)
+    assert np.all(np.asarray(x[2]) == 0)
+    expected = (W[1] - mean) / np.linalg.norm(W[1] - mean)
+    np.testing.assert_allclose(x[1], expected, rtol=1e-6)
+
+
+def test_resolve_row_mean_order():
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(10, 4)).astype(np.float32)
+    mask = np.zeros(10, bool)
+    mask[[1, 3, 5]] = True
+    stored = np.arange(4, dtype=np.float32)
+    np.testing.assert_allclose(resolve_row_mean(W, mask, {"row_mean": stored}), stored)
+    np.testing.assert_allclose(resolve_row_mean(W, mask), W[[1, 3, 5]].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(resolve_row_mean(W), W.mean(0), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ShapeError, match="token_mask must have shape"):
+        resolve_row_mean(W, np.ones(3, bool))
+
+
+def test_readout_subsets_and_positions():
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(12, 5)).astype(np.float32)
+    mask = np.zeros(12, bool)
+    mask[[2, 7, 9]] = True
+    r = Readout.from_weights(W, token_mask=mask, softcap=30.0)
+    np.testing.assert_array_equal(r.row_token_ids, [2, 7, 9])
+    np.testing.assert_allclose(r.row_mean, W[[2, 7, 9]].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(r.positions([9, 2]), [2, 0])
+    assert r.softcap == 30.0 and r.vocab_size == 3 and r.d_model == 5
+    with pytest.raises(ShapeError, match="not among"):
+        r.positions([3])
+    with pytest.raises(NonFiniteError):
+        Readout.from_weights(np.full((3, 2), np.inf, np.float32))
+    with pytest.raises(ShapeError, match="rank 2"):
+        preprocess_rows(np.ones(5, np.float32))
