@@ -1,15 +1,18 @@
 """Reading and writing PyTorch ``.pt`` checkpoints (the only module family that imports torch).
 
-``read_pt`` uses ``torch.load(weights_only=True)`` only: a pickle that would run code is refused
-by torch's restricted unpickler and nothing in it executes. Tensors come back as NumPy arrays
-(bfloat16 via ml_dtypes, or cast to float32). ``write_pt`` converts NumPy arrays back to tensors
-and writes atomically (temp file + rename).
+``read_pt`` uses ``torch.load(weights_only=True)`` only: a pickle that would run code (any
+global outside torch's weights-only allow-list, such as ``os.system``) is refused by torch's
+restricted unpickler before anything in it executes. Tensors come back as NumPy arrays
+(bfloat16 kept via ml_dtypes when asked, else cast to float32). ``write_pt`` turns NumPy arrays
+back into tensors and writes atomically (temporary file beside the target, then rename), so a
+failed write never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,14 +30,15 @@ def _tensor_to_numpy(t: torch.Tensor, keep_bfloat16: bool) -> np.ndarray:
         if keep_bfloat16:
             return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
         return t.float().numpy().copy()
-    return t.numpy().copy()
+    return t.contiguous().numpy().copy()
 
 
 def _to_numpy_tree(obj: Any, keep_bfloat16: bool) -> Any:
     if isinstance(obj, torch.Tensor):
         return _tensor_to_numpy(obj, keep_bfloat16)
     if isinstance(obj, Mapping):
-        return {k: _to_numpy_tree(v, keep_bfloat16) for k, v in obj.items()}
+        items = ((k, _to_numpy_tree(v, keep_bfloat16)) for k, v in obj.items())
+        return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
     if isinstance(obj, list):
         return [_to_numpy_tree(v, keep_bfloat16) for v in obj]
     if isinstance(obj, tuple):
@@ -42,53 +46,80 @@ def _to_numpy_tree(obj: Any, keep_bfloat16: bool) -> Any:
     return obj
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def read_pt(path: str | os.PathLike, *, keep_bfloat16: bool = False) -> dict[str, Any]:
-    """Load ``path`` with ``weights_only=True`` and return a dict tree of NumPy arrays."""
+    """Load ``path`` with ``weights_only=True`` and return a dict tree of NumPy arrays.
+
+    Every failure (missing, empty, truncated or damaged file, a pickle that asks for code to
+    run, a top level that is not a dict) is one :class:`CheckpointError` naming the file.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file (a .pt checkpoint is a single file)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: {msg})") from None
+        text = str(exc)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        globals_asked = [ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln]
+        if globals_asked:
+            detail = globals_asked[0]
+            raise CheckpointError(
+                f"{path}: refused: the pickle asks to run code, which a weights-only load never does ({detail[:200]})"
+            ) from None
+        detail = next((ln for ln in lines if not ln.startswith("Weights only load failed")), _first_line(exc))
+        raise CheckpointError(
+            f"{path}: not a loadable weights-only checkpoint, truncated or damaged ({type(exc).__name__}: {detail[:300]})"
+        ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}")
-    return _to_numpy_tree(obj, keep_bfloat16)
+    try:
+        return _to_numpy_tree(obj, keep_bfloat16)
+    except Exception as exc:  # noqa: BLE001 - e.g. a tensor of a dtype NumPy cannot hold
+        raise CheckpointError(f"{path}: a tensor cannot be read ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _to_torch_tree(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray) or isinstance(obj, np.generic) and not isinstance(obj, (np.bool_,)):
-        arr = np.asarray(obj)
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray) or type(obj).__module__.startswith("jax") and hasattr(obj, "shape"):
+        arr = np.array(obj, copy=True, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
         if arr.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
-        if arr.ndim == 0 and isinstance(obj, np.generic):
-            return obj.item()
-        return torch.from_numpy(np.ascontiguousarray(arr).copy())
-    if hasattr(obj, "__jax_array__") or type(obj).__module__.startswith("jax"):
-        return _to_torch_tree(np.asarray(obj))
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(arr)
     if isinstance(obj, Mapping):
-        return {k: _to_torch_tree(v) for k, v in obj.items()}
+        items = ((k, _to_torch_tree(v)) for k, v in obj.items())
+        return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
     if isinstance(obj, list):
         return [_to_torch_tree(v) for v in obj]
     if isinstance(obj, tuple):
         return tuple(_to_torch_tree(v) for v in obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
     return obj
 
 
 def write_pt(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a dict tree (NumPy arrays become tensors) to ``path`` atomically."""
+    """Write a dict tree (NumPy/JAX arrays become tensors) to ``path`` atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; a .pt checkpoint is a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = _to_torch_tree(obj)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

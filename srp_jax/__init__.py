@@ -19,8 +19,10 @@ try:
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
     __version__ = "0.0.0+unknown"
 
-from . import factorizers
-from .config import ARCHITECTURES, EvaluationConfig, FactorizerConfig, resolve_eval_k
+from . import factorizers, hub, metrics
+from .checkpoint import is_srp_checkpoint, load_dictionary, save_dictionary
+from .config import ARCHITECTURES, EvaluationConfig, FactorizerConfig, RunConfig, load_run_config, resolve_eval_k
+from .data import PrismDataset, load_prism_dataset, make_synthetic_data
 from .decompose import (
     Decomposition,
     MarginDecomposition,
@@ -49,6 +51,98 @@ from .errors import (
     ThresholdNotReadyError,
     UnexpectedKeyError,
 )
-from .factorizers import FactorizerOutput, decode, encode, forward, init_factorizer, topk_mask
+from .factorizers import FactorizerBatch, FactorizerOutput, decode, encode, forward, init_factorizer, topk_mask
 from .gate import Explanation, GateResult, GateRule, explain, fidelity_gate
+from .hub import fetch_checkpoint
+from .metrics import evaluate
+from .modules import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    L1ReLUSAE,
+    SAEBase,
+    TopKSAE,
+    bind_dictionary,
+    build_factorizer,
+    module_from_dictionary,
+)
 from .readout import Readout, center_normalize_rows, preprocess_rows, resolve_row_mean
+from .train import TrainState, train
+
+__all__ = [
+    # reference-parity names
+    "Decomposition",
+    "PrismDataset",
+    "center_normalize_rows",
+    "decompose_token_logit",
+    "load_prism_dataset",
+    "preprocess_rows",
+    "build_factorizer",
+    "load_factorizer",
+    "BatchTopKSAE",
+    "FactorizerBatch",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "L1ReLUSAE",
+    "SAEBase",
+    "TopKSAE",
+    # configs and dictionaries
+    "ARCHITECTURES",
+    "FactorizerConfig",
+    "EvaluationConfig",
+    "RunConfig",
+    "load_run_config",
+    "resolve_eval_k",
+    "Dictionary",
+    "Readout",
+    "resolve_row_mean",
+    "make_synthetic_data",
+    # pure kernels
+    "factorizers",
+    "FactorizerOutput",
+    "init_factorizer",
+    "encode",
+    "decode",
+    "forward",
+    "topk_mask",
+    "bind_dictionary",
+    "module_from_dictionary",
+    # decomposition, gate, metrics
+    "TokenDecompositions",
+    "QueryDecomposition",
+    "MarginDecomposition",
+    "decompose_rows",
+    "decompose_tokens",
+    "batch_decomposition_identity_error",
+    "build_query_weights",
+    "decompose_query",
+    "margin_from_rows",
+    "coverage_stats",
+    "GateRule",
+    "GateResult",
+    "Explanation",
+    "fidelity_gate",
+    "explain",
+    "metrics",
+    "evaluate",
+    # checkpoints, hub, training
+    "save_dictionary",
+    "load_dictionary",
+    "is_srp_checkpoint",
+    "hub",
+    "fetch_checkpoint",
+    "TrainState",
+    "train",
+    # errors
+    "SrpError",
+    "ConfigError",
+    "MissingConfigError",
+    "ShapeError",
+    "NonFiniteError",
+    "CheckpointError",
+    "MissingKeyError",
+    "UnexpectedKeyError",
+    "ThresholdNotReadyError",
+    "DependencyError",
+    "HubError",
+]

@@ -7,6 +7,7 @@ Reached lazily, so ``import srp_jax`` never imports torch; without torch the err
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any
 
 from .errors import DependencyError
@@ -14,8 +15,18 @@ from .errors import DependencyError
 INSTALL_HINT = "install the 'convert' extra: pip install 'srp-jax[convert]' (it pins torch==2.13.0)"
 
 
+def torch_available() -> bool:
+    """Whether torch can be imported (without importing it)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"] is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def require_torch(what: str) -> None:
-    if importlib.util.find_spec("torch") is None:
+    if not torch_available():
         raise DependencyError(f"{what} needs PyTorch, which is not installed; {INSTALL_HINT}")
 
 

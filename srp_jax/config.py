@@ -215,3 +215,433 @@ def resolve_eval_k(evaluation: EvaluationConfig | Mapping[str, Any] | None, fact
     if factorizer.k:
         return int(factorizer.k)
     return factorizer.native_k
+
+
+# ============================================================================================
+# Run configuration: the whole reference YAML (run, data, model, factorizer, training,
+# evaluation, artifacts, autoresearch) plus our additions (training recipe keys, mesh,
+# artifacts.export_pt). Every block is validated; unknown keys are named in a ConfigError.
+
+RUN_BLOCKS = ("run", "data", "model", "factorizer", "training", "evaluation", "artifacts", "autoresearch", "mesh")
+SWEEP_KEYS = ("grid", "output_root", "fixed")
+INIT_MODES = ("random", "row_seeded")
+LR_SCHEDULES = ("constant", "warmup_cosine")
+LAMBDA_MODES = ("constant", "delayed_ramp")
+DATA_FALLBACKS = ("synthetic", "error")
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _as_str(name: str, value: Any, *, allow_none: bool = False, choices: tuple[str, ...] | None = None) -> str | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _block(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _build(cls, name: str, block: Any, **extra):
+    block = _block(name, block)
+    _unknown_keys(name, block, _fields(cls))
+    kwargs = {key: value for key, value in block.items()}
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunBlock:
+    """``run:``: report name, seeds (``init_seed`` defaults to ``seed``), output dir, device."""
+
+    name: str = "run"
+    seed: int = 0
+    init_seed: int | None = None
+    output_dir: str = "results/run"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", str(self.name if self.name is not None else "run"))
+        object.__setattr__(self, "seed", _as_int("run.seed", self.seed, minimum=0))
+        object.__setattr__(self, "init_seed", _as_int("run.init_seed", self.init_seed, minimum=0, allow_none=True))
+        object.__setattr__(self, "output_dir", _as_str("run.output_dir", self.output_dir if self.output_dir is not None else "results/run"))
+        object.__setattr__(self, "device", _as_str("run.device", self.device if self.device is not None else "auto"))
+
+    @property
+    def resolved_init_seed(self) -> int:
+        return self.seed if self.init_seed is None else self.init_seed
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``data:``. ``max_hidden`` / ``val_hidden`` follow the reference's ``or`` (0/None = default);
+    ``row_preprocessing`` is inert (only center + normalize exists)."""
+
+    path: str | None = None
+    fallback: str = "synthetic"
+    max_rows: int | None = None
+    max_hidden: int | None = 512
+    val_hidden: int | None = None
+    data_seed: int | None = None
+    apply_token_mask: bool = True
+    row_preprocessing: Any = "center_normalize"
+
+    def __post_init__(self) -> None:
+        path = self.path
+        if path is not None and not isinstance(path, str):
+            path = str(path)
+        object.__setattr__(self, "path", path or None)
+        object.__setattr__(self, "fallback", _as_str("data.fallback", self.fallback or "synthetic", choices=DATA_FALLBACKS))
+        object.__setattr__(self, "max_rows", _as_int("data.max_rows", self.max_rows, minimum=1, allow_none=True))
+        object.__setattr__(self, "max_hidden", _as_int("data.max_hidden", self.max_hidden or 512, minimum=1))
+        vh = _as_int("data.val_hidden", self.val_hidden, minimum=0, allow_none=True)
+        object.__setattr__(self, "val_hidden", vh or min(128, self.max_hidden))
+        object.__setattr__(self, "data_seed", _as_int("data.data_seed", self.data_seed, minimum=0, allow_none=True))
+        object.__setattr__(self, "apply_token_mask", _as_bool("data.apply_token_mask", self.apply_token_mask))
+
+
+@dataclasses.dataclass(frozen=True)
+class L0ControllerConfig:
+    """``training.l0_controller:`` (jumprelu / l1_relu only). ``coeff_init`` None = l0_coeff or
+    l1_coeff or 1e-4; ``coeff_max`` None = 0.01 for jumprelu, else 0.05."""
+
+    enabled: bool = False
+    target_l0: float = 0.0
+    kp: float = 0.2
+    ema: float = 0.9
+    warmup_steps: int = 200
+    control_period: int = 10
+    err_clip: float = 0.3
+    coeff_init: float | None = None
+    coeff_min: float = 1e-8
+    coeff_max: float | None = None
+
+    def __post_init__(self) -> None:
+        p = "training.l0_controller."
+        object.__setattr__(self, "enabled", _as_bool(p + "enabled", self.enabled))
+        for key in ("target_l0", "kp", "ema", "err_clip", "coeff_min"):
+            object.__setattr__(self, key, _as_float(p + key, getattr(self, key)))
+        for key in ("coeff_init", "coeff_max"):
+            object.__setattr__(self, key, _as_float(p + key, getattr(self, key), allow_none=True))
+        object.__setattr__(self, "warmup_steps", _as_int(p + "warmup_steps", self.warmup_steps, minimum=0))
+        object.__setattr__(self, "control_period", max(1, _as_int(p + "control_period", self.control_period)))
+        if not 0.0 <= self.ema <= 1.0:
+            raise ConfigError(f"{p}ema must be in [0, 1], got {self.ema}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """``training:``. Defaults reproduce the shipped reference trainer (constant lr and lambda,
+    random init, no AuxK); the paper-recipe switches are opt-in (spec decision 2).
+
+    ``lr_warmup_steps`` None = 5% of ``steps``; ``auxk_k`` None = d_model // 2.
+    """
+
+    steps: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lambda_prism: float = 0.0
+    prism_top_n: int = 1
+    code_l2: float = 0.0
+    row_sampling: str = "uniform"
+    log_every: int = 50
+    checkpoint_every: int = 500
+    l0_coeff: float = 0.0
+    l1_coeff: float = 0.0
+    gate_l1_coeff: float = 0.0
+    gated_aux_coeff: float = 1.0
+    l0_controller: L0ControllerConfig = dataclasses.field(default_factory=L0ControllerConfig)
+    init_mode: str = "random"
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int | None = None
+    final_lr_frac: float = 0.1
+    lambda_mode: str = "constant"
+    lambda_ramp_start_frac: float = 0.7
+    auxk_coeff: float = 0.0
+    auxk_k: int | None = None
+    auxk_dead_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        p = "training."
+        object.__setattr__(self, "steps", _as_int(p + "steps", self.steps, minimum=0))
+        object.__setattr__(self, "batch_size", _as_int(p + "batch_size", self.batch_size, minimum=1))
+        for key in ("lr", "weight_decay", "lambda_prism", "code_l2", "l0_coeff", "l1_coeff", "gate_l1_coeff",
+                    "gated_aux_coeff", "final_lr_frac", "lambda_ramp_start_frac", "auxk_coeff"):
+            value = _as_float(p + key, getattr(self, key))
+            if value < 0:
+                raise ConfigError(f"{p}{key} must be >= 0, got {value}")
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "prism_top_n", _as_int(p + "prism_top_n", self.prism_top_n))
+        object.__setattr__(self, "row_sampling", _as_str(p + "row_sampling", self.row_sampling or "uniform"))
+        object.__setattr__(self, "log_every", max(1, _as_int(p + "log_every", self.log_every)))
+        object.__setattr__(self, "checkpoint_every", _as_int(p + "checkpoint_every", self.checkpoint_every, minimum=0))
+        ctrl = self.l0_controller
+        if not isinstance(ctrl, L0ControllerConfig):
+            ctrl = _build(L0ControllerConfig, "training.l0_controller", ctrl)
+        object.__setattr__(self, "l0_controller", ctrl)
+        object.__setattr__(self, "init_mode", _as_str(p + "init_mode", self.init_mode, choices=INIT_MODES))
+        object.__setattr__(self, "lr_schedule", _as_str(p + "lr_schedule", self.lr_schedule, choices=LR_SCHEDULES))
+        object.__setattr__(self, "lambda_mode", _as_str(p + "lambda_mode", self.lambda_mode, choices=LAMBDA_MODES))
+        object.__setattr__(
+            self, "lr_warmup_steps", _as_int(p + "lr_warmup_steps", self.lr_warmup_steps, minimum=0, allow_none=True)
+        )
+        if self.final_lr_frac > 1:
+            raise ConfigError(f"{p}final_lr_frac must be in [0, 1], got {self.final_lr_frac}")
+        if self.lambda_ramp_start_frac > 1:
+            raise ConfigError(f"{p}lambda_ramp_start_frac must be in [0, 1], got {self.lambda_ramp_start_frac}")
+        object.__setattr__(self, "auxk_k", _as_int(p + "auxk_k", self.auxk_k, minimum=1, allow_none=True))
+        object.__setattr__(self, "auxk_dead_steps", _as_int(p + "auxk_dead_steps", self.auxk_dead_steps, minimum=1))
+        from .data import validate_sampling_mode  # late import: data imports this module
+
+        validate_sampling_mode(self.row_sampling)
+
+    @property
+    def warmup_steps(self) -> int:
+        """The resolved warmup length (``lr_warmup_steps`` or 5% of ``steps``)."""
+        if self.lr_warmup_steps is not None:
+            return self.lr_warmup_steps
+        return int(round(0.05 * self.steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactsConfig:
+    """``artifacts:``. ``make_figures`` is inert; ``export_pt`` (ours) also writes ``checkpoint.pt``."""
+
+    save_checkpoint: bool = True
+    report_path: str | None = None
+    make_figures: Any = None
+    export_pt: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "save_checkpoint", _as_bool("artifacts.save_checkpoint", self.save_checkpoint))
+        object.__setattr__(self, "export_pt", _as_bool("artifacts.export_pt", self.export_pt))
+        object.__setattr__(self, "report_path", _as_str("artifacts.report_path", self.report_path, allow_none=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """``mesh:`` device-mesh axis sizes (``data: -1`` = all remaining devices). Accepted and
+    validated now; used once sharding lands."""
+
+    data: int = -1
+    model: int = 1
+
+    def __post_init__(self) -> None:
+        data = _as_int("mesh.data", self.data)
+        if data != -1 and data < 1:
+            raise ConfigError(f"mesh.data must be -1 (all devices) or >= 1, got {data}")
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "model", _as_int("mesh.model", self.model, minimum=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreThresholds:
+    """``autoresearch.score_thresholds:`` used by ``selection_score``."""
+
+    max_dead_feature_rate: float = 0.98
+    max_val_logit_kl_bits_mean: float = 20.0
+
+    def __post_init__(self) -> None:
+        p = "autoresearch.score_thresholds."
+        object.__setattr__(self, "max_dead_feature_rate", _as_float(p + "max_dead_feature_rate", self.max_dead_feature_rate))
+        object.__setattr__(
+            self, "max_val_logit_kl_bits_mean", _as_float(p + "max_val_logit_kl_bits_mean", self.max_val_logit_kl_bits_mean)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A validated run config. ``raw`` is the merged mapping (overrides applied) that is written
+    to ``config.yaml`` and recorded in checkpoints; the typed blocks are what the code reads."""
+
+    run: RunBlock
+    data: DataConfig
+    factorizer: FactorizerConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    artifacts: ArtifactsConfig
+    mesh: MeshConfig
+    score_thresholds: ScoreThresholds
+    raw: Mapping[str, Any] = dataclasses.field(compare=False, hash=False)
+
+    @property
+    def data_seed(self) -> int:
+        return self.run.seed if self.data.data_seed is None else self.data.data_seed
+
+    @property
+    def init_seed(self) -> int:
+        return self.run.resolved_init_seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The merged config mapping (a deep copy)."""
+        import copy
+
+        return copy.deepcopy(dict(self.raw))
+
+
+def run_config_from_dict(config: Mapping[str, Any]) -> RunConfig:
+    """Validate a whole reference-style config mapping (unknown keys raise, naming them)."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"a run config must be a mapping, got {type(config).__name__}")
+    for key in SWEEP_KEYS:
+        if key in config:
+            raise ConfigError(
+                f"top-level {key!r} marks a sweep-grid template, not a single run config; "
+                "expand the grid into one config per cell"
+            )
+    _unknown_keys("the config", config, set(RUN_BLOCKS))
+    for key in ("factorizer", "training"):
+        if not isinstance(config.get(key), Mapping):
+            raise ConfigError(f"the config must have a {key!r} block")
+    training_block = _block("training", config.get("training"))
+    if "l0_controller" in training_block:
+        training_block["l0_controller"] = _build(
+            L0ControllerConfig, "training.l0_controller", training_block["l0_controller"]
+        )
+    autoresearch = _block("autoresearch", config.get("autoresearch"))
+    _unknown_keys("autoresearch", autoresearch, {"score_thresholds"})
+    _block("model", config.get("model"))  # documentary, never read; must still be a mapping
+    return RunConfig(
+        run=_build(RunBlock, "run", config.get("run")),
+        data=_build(DataConfig, "data", config.get("data")),
+        factorizer=FactorizerConfig.from_dict(_block("factorizer", config.get("factorizer")), strict=True),
+        training=_build(TrainingConfig, "training", training_block),
+        evaluation=EvaluationConfig.from_dict(_block("evaluation", config.get("evaluation")), strict=True),
+        artifacts=_build(ArtifactsConfig, "artifacts", config.get("artifacts")),
+        mesh=_build(MeshConfig, "mesh", config.get("mesh")),
+        score_thresholds=_build(ScoreThresholds, "autoresearch.score_thresholds", autoresearch.get("score_thresholds")),
+        raw=dict(config),
+    )
+
+
+def parse_override_value(text: str) -> Any:
+    """``--set`` value coercion (the reference's): null/none/~ -> None, true/false -> bool, then
+    int, then float, else the string. A YAML flow list/map (``[16, 32]``) is parsed as YAML."""
+    low = text.strip().lower()
+    if low in ("null", "none", "~"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        import yaml
+
+        try:
+            return yaml.safe_load(stripped)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse override value {text!r}: {exc}") from None
+    return text
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a deep copy of ``config`` (intermediate blocks are created)."""
+    import copy
+
+    out = copy.deepcopy(dict(config))
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"--set key {key!r} is not a dotted key like training.steps")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = parse_override_value(value)
+    return out
+
+
+def builtin_config_path(name: str):
+    """Path of a config shipped as package data (``smoke``, ``smollm2-cpu``,
+    ``paper/qwen3.5-2b/k256_32x``), or None."""
+    from importlib import resources
+
+    try:
+        root = resources.files("srp_jax.configs")
+    except ModuleNotFoundError:  # pragma: no cover - broken install
+        return None
+    stem = name[:-5] if name.endswith(".yaml") else name
+    for candidate in (f"{stem}.yaml", f"paper/{stem}.yaml"):
+        node = root
+        for part in candidate.split("/"):
+            node = node / part
+        if node.is_file():
+            return node
+    return None
+
+
+def read_config_file(path_or_name) -> tuple[dict[str, Any], str]:
+    """Read a YAML config from a file, or a built-in config by name. Returns (mapping, source)."""
+    import os
+
+    import yaml
+
+    text = os.fspath(path_or_name)
+    if os.path.isfile(text):
+        source, opener = text, lambda: open(text, encoding="utf-8")
+    else:
+        node = builtin_config_path(text)
+        if node is None:
+            raise ConfigError(f"{text}: no such config file (and no built-in config of that name)")
+        source, opener = f"srp_jax.configs:{text}", lambda: node.open("r", encoding="utf-8")
+    try:
+        with opener() as fh:
+            loaded = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{source}: not valid YAML ({first})") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{source}: a config must be a YAML mapping, got {type(loaded).__name__}")
+    return dict(loaded), source
+
+
+def load_run_config(
+    config: Any,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    out_dir: str | None = None,
+    data_path: str | None = None,
+) -> RunConfig:
+    """Load and validate a run config: a YAML path, a built-in name, or a mapping; then
+    ``--set`` overrides, ``--out-dir`` (= run.output_dir) and ``--data-path`` (= data.path)."""
+    if isinstance(config, Mapping):
+        mapping = dict(config)
+    else:
+        mapping, _ = read_config_file(config)
+    mapping = apply_overrides(mapping, overrides)
+    if out_dir is not None:
+        mapping.setdefault("run", {})
+        mapping["run"] = {**(mapping["run"] or {}), "output_dir": str(out_dir)}
+    if data_path is not None:
+        mapping["data"] = {**(mapping.get("data") or {}), "path": str(data_path)}
+    return run_config_from_dict(mapping)

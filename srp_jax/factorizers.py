@@ -56,6 +56,9 @@ class FactorizerOutput(NamedTuple):
     buffers: Buffers
 
 
+FactorizerBatch = FactorizerOutput  # the reference's name for a forward's result
+
+
 # --------------------------------------------------------------------------------------------
 # Parameters and buffers
 
@@ -472,6 +475,7 @@ decode_jit = jax.jit(decode)
 
 __all__ = [
     "FactorizerOutput",
+    "FactorizerBatch",
     "LossTerms",
     "init_factorizer",
     "init_buffers",

@@ -1,0 +1,563 @@
+"""The srp-jax checkpoint format: an Orbax array tree plus one self-verifying JSON file.
+
+A checkpoint is a directory::
+
+    <path>/
+      srp_checkpoint.json   format name/version, every metadata block, a sha256 per array,
+                            a sha256 per file of arrays/, and a sha256 of all of that
+      arrays/               an Orbax (StandardCheckpointer) tree:
+                              params/...   the factorizer parameters (dtypes kept, bf16 too)
+                              buffers/...  batch_topk / jumprelu buffers (absent when empty)
+                              rows/...     row_mean, row_norms, row_token_ids (int64) when known
+
+Loading checks, in order: the JSON parses and its own checksum holds; every file of
+``arrays/`` exists with its recorded size and sha256; Orbax restores the tree; every restored
+array has the recorded shape, dtype and sha256 of its raw bytes. Any damage therefore ends in a
+:class:`~srp_jax.errors.CheckpointError` naming the path and the file or array at fault.
+
+Metadata blocks (``factorizer``, ``evaluation``, ``metrics``, the Hub ``config`` block and,
+for files that came from a ``.pt``, that file's layout) are kept verbatim: JSON plus tags for
+the few Python values JSON lacks (tuples, non-string keys, bytes, small NumPy arrays stored
+bit-exactly as base64).
+
+Saving is atomic (a temporary directory beside the target, renamed into place) and done by one
+process: arrays are gathered to host memory first. Loading can place params and buffers on any
+``jax.sharding.Sharding`` (restored directly onto it through ``jax.ShapeDtypeStruct`` targets).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from . import factorizers as F
+from .config import FactorizerConfig
+from .dictionary import Dictionary
+from .errors import CheckpointError, ShapeError, SrpError
+
+FORMAT_NAME = "srp-jax-dictionary"
+FORMAT_VERSION = 1
+METADATA_FILE = "srp_checkpoint.json"
+ARRAYS_DIR = "arrays"
+RUN_SUBDIR = "checkpoint"  # a training run directory keeps its dictionary here
+
+_TAG = "__srp_type__"
+_ROW_KEYS = ("row_mean", "row_norms", "row_token_ids")
+_JAX_FLOATS = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------
+# Verbatim JSON for metadata blocks
+
+
+def encode_value(value: Any, where: str = "metadata") -> Any:
+    """A Python/NumPy value -> JSON-able data that :func:`decode_value` restores exactly."""
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            raise CheckpointError(f"{where}: object arrays cannot be stored")
+        return {
+            _TAG: "ndarray" if isinstance(value, (np.ndarray, jax.Array)) else "scalar",
+            "dtype": _dtype_name(arr.dtype),
+            "shape": list(arr.shape),
+            "data": base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii"),
+        }
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {_TAG: "float", "value": repr(value)}
+    if isinstance(value, bytes):
+        return {_TAG: "bytes", "data": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, tuple):
+        return {_TAG: "tuple", "items": [encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        plain = all(isinstance(k, str) for k in value) and _TAG not in value
+        if plain and type(value) is dict:
+            return {k: encode_value(v, f"{where}.{k}") for k, v in value.items()}
+        return {
+            _TAG: "ordered_dict" if type(value).__name__ == "OrderedDict" else "dict",
+            "items": [[encode_value(k, where), encode_value(v, f"{where}.{k}")] for k, v in value.items()],
+        }
+    raise CheckpointError(f"{where}: cannot store a value of type {type(value).__name__} in checkpoint metadata")
+
+
+def decode_value(data: Any) -> Any:
+    """Inverse of :func:`encode_value`."""
+    if isinstance(data, list):
+        return [decode_value(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    tag = data.get(_TAG)
+    if tag is None:
+        return {k: decode_value(v) for k, v in data.items()}
+    if tag == "float":
+        return float(data["value"])
+    if tag in ("ndarray", "scalar"):
+        dtype = _dtype_from_name(data["dtype"])
+        raw = base64.b64decode(data["data"].encode("ascii"), validate=True)
+        arr = np.frombuffer(raw, dtype=dtype).reshape(tuple(data["shape"])).copy()
+        return arr[()] if tag == "scalar" else arr
+    if tag == "bytes":
+        return base64.b64decode(data["data"].encode("ascii"), validate=True)
+    if tag == "tuple":
+        return tuple(decode_value(v) for v in data["items"])
+    if tag in ("dict", "ordered_dict"):
+        from collections import OrderedDict
+
+        pairs = [(_hashable(decode_value(k)), decode_value(v)) for k, v in data["items"]]
+        return OrderedDict(pairs) if tag == "ordered_dict" else dict(pairs)
+    raise ValueError(f"unknown metadata tag {tag!r}")
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+def _dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+def _dtype_from_name(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def array_sha256(arr: Any) -> str:
+    """sha256 of an array's raw C-order bytes (dtype and shape are recorded beside it)."""
+    return _sha256_bytes(np.ascontiguousarray(np.asarray(arr)).tobytes())
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Trees <-> flat names
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns: the dictionary, the source ``.pt`` layout (or None)
+    and the decoded metadata (``format``, ``format_version``, ``arrays``, ``files``, ...)."""
+
+    dictionary: Dictionary
+    layout: dict[str, Any] | None
+    metadata: dict[str, Any]
+    path: Path
+
+
+def _host_arrays(dictionary: Dictionary) -> dict[str, np.ndarray]:
+    """Every array of the dictionary as host NumPy, under its tree name (dtypes kept)."""
+    flat: dict[str, np.ndarray] = {}
+    for name, value in _flatten({"params": dictionary.params}).items():
+        flat[name] = np.asarray(value)
+    for name, value in _flatten({"buffers": dictionary.buffers or {}}).items():
+        flat[name] = np.asarray(value)
+    for key in _ROW_KEYS:
+        value = getattr(dictionary, key)
+        if value is not None:
+            arr = np.asarray(value)
+            flat[f"rows/{key}"] = arr.astype(np.int64) if key == "row_token_ids" else arr
+    for name, arr in flat.items():
+        if arr.dtype == object or arr.dtype.kind not in "fiub" and arr.dtype != ml_dtypes.bfloat16:
+            raise ShapeError(f"cannot save array {name!r} of dtype {arr.dtype}")
+    return flat
+
+
+def _check_dictionary(dictionary: Dictionary) -> None:
+    if not isinstance(dictionary, Dictionary):
+        raise CheckpointError(f"save_dictionary needs a Dictionary, got {type(dictionary).__name__}")
+    expected = F.expected_shapes(dictionary.config, dictionary.d_model)
+    state = F.variables_to_state_dict(dictionary.params, dictionary.buffers, dictionary.config)
+    for key, shape in expected.items():
+        if tuple(np.shape(state[key])) != shape:
+            raise ShapeError(f"dictionary {key!r} has shape {np.shape(state[key])}, expected {shape}")
+    if dictionary.row_mean is not None and np.shape(dictionary.row_mean) != (dictionary.d_model,):
+        raise ShapeError(f"row_mean has shape {np.shape(dictionary.row_mean)}, expected ({dictionary.d_model},)")
+    for key in ("row_norms", "row_token_ids"):
+        value = getattr(dictionary, key)
+        if value is not None and np.ndim(value) != 1:
+            raise ShapeError(f"{key} must be 1-D, got shape {np.shape(value)}")
+
+
+def save_dictionary(
+    dictionary: Dictionary,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    layout: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``dictionary`` as an srp-jax checkpoint directory at ``path`` (atomically).
+
+    Refuses an existing ``path`` unless ``force``. ``layout`` (used by ``convert``) records the
+    top-level layout of the ``.pt`` the dictionary came from so the reverse conversion
+    reproduces it. Returns the checkpoint path.
+    """
+    import orbax.checkpoint as ocp
+
+    _check_dictionary(dictionary)
+    path = Path(path).absolute()
+    if path.exists() and not force:
+        raise CheckpointError(f"{path}: already exists (pass force=True / --force to replace it)")
+    if path.exists() and not path.is_dir() and not force:
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    flat = _host_arrays(dictionary)
+    arrays_meta = {
+        name: {"shape": list(arr.shape), "dtype": _dtype_name(arr.dtype), "sha256": array_sha256(arr)}
+        for name, arr in flat.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / ARRAYS_DIR, _unflatten(flat))
+        files = {}
+        for file in sorted(p for p in (tmp / ARRAYS_DIR).rglob("*") if p.is_file()):
+            rel = file.relative_to(tmp).as_posix()
+            files[rel] = {"size": file.stat().st_size, "sha256": _file_sha256(file)}
+        try:
+            from importlib.metadata import version
+
+            written_by = f"srp-jax {version('srp-jax')}"
+        except Exception:  # noqa: BLE001 - a bare checkout
+            written_by = "srp-jax"
+        content = {
+            "d_model": int(dictionary.d_model),
+            "architecture": dictionary.config.architecture,
+            "factorizer": encode_value(
+                dictionary.factorizer_block if dictionary.factorizer_block else dictionary.config.to_dict(),
+                "factorizer",
+            ),
+            "factorizer_is_verbatim": bool(dictionary.factorizer_block),
+            "evaluation": encode_value(dictionary.evaluation, "evaluation"),
+            "metrics": encode_value(dictionary.metrics, "metrics"),
+            "source_config": encode_value(dictionary.source_config, "config"),
+            "layout": encode_value(dict(layout) if layout is not None else None, "layout"),
+            "arrays": arrays_meta,
+            "files": files,
+            "written_by": written_by,
+        }
+        document = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "content_sha256": _sha256_bytes(_canonical(content)),
+            "content": content,
+        }
+        with open(tmp / METADATA_FILE, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=1, allow_nan=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out first and removed after."""
+    if not dst.exists() and not dst.is_symlink():
+        os.replace(src, dst)
+        return
+    trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, trash)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(trash, dst)
+        raise
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+
+
+def is_srp_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding an srp-jax checkpoint (by its metadata file)."""
+    path = Path(path)
+    meta = path / METADATA_FILE
+    if not meta.is_file():
+        return False
+    try:
+        with open(meta, encoding="utf-8") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return FORMAT_NAME in head
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself, or its ``checkpoint/`` subdirectory for a training run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (an srp-jax checkpoint is a directory; .pt files go through convert)")
+    if (path / METADATA_FILE).exists():
+        return path
+    if (path / RUN_SUBDIR / METADATA_FILE).exists():
+        return path / RUN_SUBDIR
+    raise CheckpointError(
+        f"{path}: not an srp-jax checkpoint (no {METADATA_FILE} in it or in {RUN_SUBDIR}/)"
+    )
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    meta_path = path / METADATA_FILE
+    try:
+        raw = meta_path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{meta_path}: cannot read ({exc.strerror or exc})") from None
+    if not raw:
+        raise CheckpointError(f"{meta_path}: file is empty")
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path}: damaged metadata (not valid JSON: {exc})") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{meta_path}: damaged metadata (top level is not an object)")
+    if document.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{meta_path}: not an srp-jax checkpoint (format {document.get('format')!r})")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: format version {version!r} is not supported (this srp-jax reads {FORMAT_VERSION})"
+        )
+    content = document.get("content")
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{meta_path}: damaged metadata (no 'content' object)")
+    try:
+        digest = _sha256_bytes(_canonical(content))
+    except ValueError as exc:
+        raise CheckpointError(f"{meta_path}: damaged metadata ({exc})") from None
+    if digest != document.get("content_sha256"):
+        raise CheckpointError(f"{meta_path}: metadata checksum mismatch (the file was modified or damaged)")
+    for key in ("d_model", "architecture", "factorizer", "arrays", "files"):
+        if key not in content:
+            raise CheckpointError(f"{meta_path}: metadata lacks {key!r}")
+    return content
+
+
+def _verify_files(path: Path, files: Mapping[str, Any]) -> None:
+    for rel, info in files.items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"{path}: file {rel} is missing")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"{path}: file {rel} has {size} bytes, expected {info['size']} (truncated or damaged)")
+        if _file_sha256(file) != info["sha256"]:
+            raise CheckpointError(f"{path}: file {rel} fails its sha256 check (damaged)")
+
+
+def _sharding_trees(sharding: Any, names: list[str]) -> dict[str, Any]:
+    """Flat name -> Sharding for params/buffers from a Sharding, or a pytree of them.
+
+    ``sharding`` may be one ``jax.sharding.Sharding`` for every array, a dict
+    ``{"params": tree-or-Sharding, "buffers": tree-or-Sharding}`` or a pytree shaped like
+    ``params`` (buffers then go on the default device).
+    """
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if sharding is None:
+        return {name: default for name in names}
+    if isinstance(sharding, jax.sharding.Sharding):
+        return {name: sharding for name in names}
+    if not isinstance(sharding, Mapping):
+        raise CheckpointError(f"sharding must be a jax.sharding.Sharding or a dict of them, got {type(sharding).__name__}")
+    tree = dict(sharding) if ("params" in sharding or "buffers" in sharding) else {"params": sharding}
+    out: dict[str, Any] = {}
+    for name in names:
+        group, *rest = name.split("/")
+        node: Any = tree.get(group, default)
+        for part in rest:
+            if isinstance(node, jax.sharding.Sharding):
+                break
+            if not isinstance(node, Mapping) or part not in node:
+                raise CheckpointError(f"sharding tree has no entry for {name!r}")
+            node = node[part]
+        if not isinstance(node, jax.sharding.Sharding):
+            raise CheckpointError(f"sharding for {name!r} is a {type(node).__name__}, not a jax.sharding.Sharding")
+        out[name] = node
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedCheckpoint:
+    """Verify and restore an srp-jax checkpoint (or a run directory's ``checkpoint/``)."""
+    import orbax.checkpoint as ocp
+
+    path = resolve_checkpoint_dir(path)
+    content = _read_metadata(path)
+    try:
+        arrays_meta = {str(k): dict(v) for k, v in content["arrays"].items()}
+        files = {str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in content["files"].items()}
+        d_model = int(content["d_model"])
+        factorizer_block = decode_value(content["factorizer"])
+        evaluation = decode_value(content.get("evaluation"))
+        metrics = decode_value(content.get("metrics"))
+        source_config = decode_value(content.get("source_config"))
+        layout = decode_value(content.get("layout"))
+        shapes = {name: tuple(int(s) for s in info["shape"]) for name, info in arrays_meta.items()}
+        dtypes = {name: _dtype_from_name(str(info["dtype"])) for name, info in arrays_meta.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path / METADATA_FILE}: malformed metadata ({type(exc).__name__}: {exc})") from None
+    _verify_files(path, files)
+    if not isinstance(factorizer_block, Mapping):
+        raise CheckpointError(f"{path}: the factorizer block is not a dict")
+    cfg = FactorizerConfig.from_dict(factorizer_block, strict=False)
+    device_names = [n for n in arrays_meta if n.split("/")[0] in ("params", "buffers")]
+    shardings = _sharding_trees(sharding, device_names)
+    target: dict[str, Any] = {}
+    for name in arrays_meta:
+        if name in shardings:
+            target[name] = jax.ShapeDtypeStruct(shapes[name], dtypes[name], sharding=shardings[name])
+        else:
+            target[name] = np.empty(shapes[name], dtypes[name])
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path / ARRAYS_DIR, _unflatten(target))
+    except SrpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Orbax/tensorstore raise many types; report one line
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: the array store cannot be restored ({type(exc).__name__}: {msg})") from None
+    flat = _flatten(restored)
+    if set(flat) != set(arrays_meta):
+        raise CheckpointError(f"{path}: restored arrays {sorted(flat)} differ from the recorded {sorted(arrays_meta)}")
+    for name, value in flat.items():
+        host = np.asarray(value)
+        if tuple(host.shape) != shapes[name] or host.dtype != dtypes[name]:
+            raise CheckpointError(
+                f"{path}: array {name} restored as {host.dtype}{list(host.shape)}, recorded {dtypes[name]}{list(shapes[name])}"
+            )
+        if array_sha256(host) != arrays_meta[name].get("sha256"):
+            raise CheckpointError(f"{path}: array {name} fails its sha256 check (damaged)")
+    params = restored.get("params", {})
+    buffers = restored.get("buffers", {})
+    rows = restored.get("rows", {})
+    expected = F.expected_shapes(cfg, d_model)
+    state = F.variables_to_state_dict(params, buffers, cfg) if _has_all(params, buffers, cfg) else None
+    if state is None:
+        raise CheckpointError(f"{path}: the arrays do not match a {cfg.architecture} factorizer")
+    for key, shape in expected.items():
+        if tuple(np.shape(state[key])) != shape:
+            raise ShapeError(f"{path}: {key!r} has shape {np.shape(state[key])}, expected {shape} from the config")
+
+    def _row(key: str) -> Any:
+        if key not in rows:
+            return None
+        arr = np.asarray(rows[key])
+        if key == "row_token_ids":
+            return arr
+        return jnp.asarray(arr) if _dtype_name(arr.dtype) in _JAX_FLOATS else arr
+
+    dictionary = Dictionary(
+        config=cfg,
+        params=params,
+        buffers=buffers,
+        d_model=d_model,
+        row_mean=_row("row_mean"),
+        row_norms=_row("row_norms"),
+        row_token_ids=_row("row_token_ids"),
+        metrics=dict(metrics) if isinstance(metrics, Mapping) else None,
+        evaluation=dict(evaluation) if isinstance(evaluation, Mapping) else None,
+        factorizer_block=dict(factorizer_block) if content.get("factorizer_is_verbatim", True) else None,
+        source_config=dict(source_config) if isinstance(source_config, Mapping) else None,
+    )
+    return LoadedCheckpoint(dictionary=dictionary, layout=layout, metadata=content, path=path)
+
+
+def _has_all(params: Mapping[str, Any], buffers: Mapping[str, Any], cfg: FactorizerConfig) -> bool:
+    try:
+        F.variables_to_state_dict(params, buffers, cfg)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def load_dictionary(path: str | os.PathLike, *, sharding: Any = None) -> Dictionary:
+    """Load an srp-jax checkpoint directory (or a training run directory holding
+    ``checkpoint/``) into a :class:`~srp_jax.dictionary.Dictionary`.
+
+    ``sharding``: None (default device), one ``jax.sharding.Sharding`` for every parameter and
+    buffer, or a pytree of them (``{"params": ..., "buffers": ...}`` or shaped like params);
+    arrays are restored directly onto it. Every array's checksum is verified.
+    """
+    return load_checkpoint(path, sharding=sharding).dictionary
+
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "METADATA_FILE",
+    "LoadedCheckpoint",
+    "save_dictionary",
+    "load_dictionary",
+    "load_checkpoint",
+    "is_srp_checkpoint",
+    "resolve_checkpoint_dir",
+    "array_sha256",
+    "encode_value",
+    "decode_value",
+]

@@ -1,0 +1,83 @@
+"""``srp-jax convert SRC DST``: PyTorch checkpoint.pt <-> srp-jax (Orbax) checkpoint directory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+HELP = "convert checkpoint.pt (or hub:<model>/<op>) <-> an srp-jax checkpoint directory"
+DESCRIPTION = """\
+Convert a dictionary between the PyTorch reference format and the srp-jax format.
+
+The direction follows SRC:
+  checkpoint.pt file          -> srp-jax checkpoint directory DST (Orbax arrays + verified metadata)
+  hub:<model>/<op>            -> fetched from the Hugging Face Hub (see `srp-jax hub list`), then as above
+  srp-jax checkpoint directory
+  (or a training run directory
+   holding checkpoint/)       -> checkpoint.pt file DST in the reference runner schema
+
+.pt files are read with torch.load(weights_only=True): a file whose pickle would run code is
+refused. Both directions are bit-exact: .pt -> srp-jax -> .pt gives the same keys, dtypes and
+tensor bits. Output is written atomically; an existing DST is refused unless --force.
+Needs the 'convert' extra (PyTorch): pip install 'srp-jax[convert]'.
+
+examples:
+  srp-jax convert runs/smoke/checkpoint.pt runs/smoke/srp
+  srp-jax convert hub:qwen3.5-2b/k256_32x dicts/qwen2b-k256
+  srp-jax convert dicts/qwen2b-k256 qwen2b-k256.pt
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="checkpoint.pt, hub:<model>/<op>, or an srp-jax checkpoint directory")
+    parser.add_argument("dst", metavar="DST", help="output: a directory (from .pt / hub) or a .pt file (from a directory)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="storage dtype of the parameters. Into srp-jax the default is float32 (bfloat16 sources are "
+        "widened exactly); bfloat16 keeps bfloat16 sources (and rounds float32 parameters). Into .pt the "
+        "default keeps the stored dtypes.",
+    )
+    parser.add_argument("--repo-id", default=None, help="Hub repo for hub: sources (default $SRP_JAX_HUB_REPO or matteohe/sparse-readout-prism)")
+    parser.add_argument("--revision", default=None, help="Hub revision for hub: sources")
+    parser.add_argument("--cache-dir", default=None, help="Hub cache directory for hub: sources")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._lazy import require_torch
+
+    src_text = os.fspath(args.src)
+    dst = Path(args.dst)
+    if (dst.exists() or dst.is_symlink()) and not args.force:
+        raise CheckpointError(f"{dst}: already exists (pass --force to replace it)")
+    if src_text.startswith("hub:"):
+        from ..hub import fetch_checkpoint
+
+        require_torch(f"converting {src_text}")
+        src = fetch_checkpoint(src_text, repo_id=args.repo_id, revision=args.revision, cache_dir=args.cache_dir)
+        return _pt_to_dir(src, dst, args)
+    src = Path(src_text)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    if src.is_dir():
+        require_torch(f"writing {dst}")
+        from convert.checkpoints import orbax_to_pt
+
+        out = orbax_to_pt(src, dst, force=args.force, dtype=args.dtype)
+        print(f"wrote {out}")
+        return 0
+    require_torch(f"reading {src}")
+    return _pt_to_dir(src, dst, args)
+
+
+def _pt_to_dir(src: Path, dst: Path, args: argparse.Namespace) -> int:
+    from convert.checkpoints import pt_to_orbax
+
+    out = pt_to_orbax(src, dst, force=args.force, dtype=args.dtype or "float32")
+    print(f"wrote {out}")
+    return 0

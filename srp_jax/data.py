@@ -1,0 +1,448 @@
+"""Training data: readout payloads, the synthetic fallback, hidden splits, row subsets,
+top-target statistics, row-sampling weights and the ``PrismDataset``.
+
+Host-side NumPy throughout (this runs once per run); the one matmul that ranks logits runs in
+JAX at ``precision=HIGHEST``. Seeds: the hidden split uses ``data_seed + 11`` and the row
+subset ``data_seed + 23`` (the reference's offsets) through private NumPy generators, so the
+same ``data_seed`` gives the same split in every cell of a sweep. Values differ from the torch
+reference's (different RNG); the recipe and the distributions are the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._arrays import to_numpy
+from .errors import CheckpointError, ConfigError, ShapeError
+
+HIGHEST = jax.lax.Precision.HIGHEST
+PAD_NORM_EPS = 1e-6
+HIDDEN_SEED_OFFSET = 11
+ROW_SUBSET_SEED_OFFSET = 23
+TOP_TARGETS_N = 8
+PAYLOAD_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
+
+_FIXED_MODES = (
+    "uniform",
+    "frequency",
+    "frequency_sqrt",
+    "frequency_pow_0.5",
+    "frequency_pow_0.75",
+    "top1_sqrt_frequency",
+    "top5_sqrt_frequency",
+)
+_HYBRID = re.compile(r"^hybrid_(?P<f>[0-9.]+)freq_(?P<u>[0-9.]+)uniform$")
+_POW = re.compile(r"^frequency_pow_(?P<p>[0-9.]+)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Payloads
+
+
+def read_payload(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a readout payload: ``{"W_U": (V, d) f32, "h_LN": (..., d) f32, "token_mask": (V,) bool?}``.
+
+    Accepts ``.npz`` / ``.safetensors`` (keys ``W_U_orig`` or ``W_U``, ``h_LN``, optional
+    ``token_mask``), ``.npy`` (a pickled-free dict saved with ``allow_pickle`` is refused: use
+    ``.npz``) and the reference's ``.pt`` payloads (read with ``weights_only=True`` through the
+    ``convert`` extra). ``W_U_orig`` wins over ``W_U``, as in the reference.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such payload file")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth", ".bin"):
+        from ._lazy import read_pt
+
+        raw: Mapping[str, Any] = read_pt(path)
+    elif suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                raw = {key: z[key] for key in z.files}
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: not a readable .npz payload ({type(exc).__name__}: {exc})") from None
+    elif suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            from .errors import DependencyError
+
+            raise DependencyError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from None
+        try:
+            raw = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: not a readable .safetensors payload ({type(exc).__name__}: {exc})") from None
+    elif suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(
+                f"{path}: a .npy payload must be a plain array (a dict needs .npz): {type(exc).__name__}"
+            ) from None
+        raise CheckpointError(f"{path}: a .npy file holds one array {arr.shape}; a payload needs W_U and h_LN (use .npz)")
+    else:
+        raise CheckpointError(f"{path}: unknown payload type {suffix!r} (expected one of {', '.join(PAYLOAD_SUFFIXES)})")
+    return payload_from_mapping(raw, source=str(path))
+
+
+def payload_from_mapping(raw: Mapping[str, Any], *, source: str = "payload") -> dict[str, np.ndarray]:
+    """Normalise a payload mapping: pick ``W_U_orig`` / ``W_U``, cast to float32, check dims."""
+    W = raw.get("W_U_orig")
+    if W is None:
+        W = raw.get("W_U")
+    h = raw.get("h_LN")
+    if W is None or h is None:
+        from .errors import MissingKeyError
+
+        raise MissingKeyError(f"{source} must contain W_U_orig (or W_U) and h_LN; found keys: {sorted(raw)}")
+    W_np = to_numpy(W, name=f"{source}[W_U]").astype(np.float32)
+    h_np = to_numpy(h, name=f"{source}[h_LN]").astype(np.float32)
+    if W_np.ndim != 2:
+        raise ShapeError(f"{source}: W_U must be 2-D (vocab, d_model), got shape {W_np.shape}")
+    if h_np.ndim < 2:
+        raise ShapeError(f"{source}: h_LN must have rank >= 2 (..., d_model), got shape {h_np.shape}")
+    if h_np.shape[-1] != W_np.shape[-1]:
+        raise ShapeError(f"{source}: hidden dim {h_np.shape[-1]} does not match W_U dim {W_np.shape[-1]}")
+    out = {"W_U": W_np, "h_LN": h_np}
+    if raw.get("token_mask") is not None:
+        mask = to_numpy(raw["token_mask"], name=f"{source}[token_mask]").astype(bool).reshape(-1)
+        if mask.shape[0] != W_np.shape[0]:
+            raise ShapeError(f"{source}: token_mask length {mask.shape[0]} does not match vocab {W_np.shape[0]}")
+        out["token_mask"] = mask
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic fallback
+
+
+def make_synthetic_data(
+    seed: int, vocab_size: int = 1024, d_model: int = 128, layers: int = 8, positions: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's synthetic readout, drawn from a NumPy generator seeded with ``seed``.
+
+    latent (96, d) ~ N(0,1); codes (V, 96) = ReLU(N(0,1)) with entries below their 0.95
+    quantile zeroed; W = codes @ latent / sqrt(96) + 0.05 N(0,1);
+    h (layers, positions, d) = N(0,1) + 0.15 sin(linspace(0, 6.28, layers)) per layer.
+    Returns float32 ``(W_U (V, d), h (layers, positions, d))``.
+    """
+    rng = np.random.default_rng(int(seed))
+    latent = rng.standard_normal((96, d_model), dtype=np.float32)
+    codes = np.maximum(rng.standard_normal((vocab_size, 96), dtype=np.float32), 0.0)
+    codes[codes < np.quantile(codes, 0.95)] = 0.0
+    W = codes @ latent / np.float32(96**0.5)
+    W = W + np.float32(0.05) * rng.standard_normal((vocab_size, d_model), dtype=np.float32)
+    h = rng.standard_normal((layers, positions, d_model), dtype=np.float32)
+    h = h + np.float32(0.15) * np.sin(np.linspace(0.0, 6.28, layers, dtype=np.float32))[:, None, None]
+    return W.astype(np.float32), h.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Hidden states
+
+
+def drop_padding(hidden: np.ndarray) -> np.ndarray:
+    """Flatten to (N, d) and drop rows with norm <= 1e-6 (the extractor's zeroed padding),
+    unless that would drop every row."""
+    flat = np.asarray(hidden, np.float32).reshape(-1, hidden.shape[-1])
+    keep = np.linalg.norm(flat, axis=1) > PAD_NORM_EPS
+    if keep.any() and not keep.all():
+        flat = flat[keep]
+    return flat
+
+
+def split_hidden(
+    hidden: np.ndarray, max_hidden: int, val_hidden: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Seeded split of (N, d) hidden states into (train, val, val_overlaps_train).
+
+    A random permutation (``seed``; always applied) orders the pool; train = its first
+    ``max_hidden`` rows, val = the next ``val_hidden``. An empty val falls back to the first
+    min(64, n) train rows and flags the overlap.
+    """
+    perm = np.random.default_rng(int(seed)).permutation(hidden.shape[0])
+    sample = hidden[perm[: max_hidden + val_hidden]]
+    train = np.ascontiguousarray(sample[:max_hidden])
+    val = np.ascontiguousarray(sample[max_hidden : max_hidden + val_hidden])
+    overlaps = False
+    if val.shape[0] == 0:
+        val = train[: min(64, train.shape[0])].copy()
+        overlaps = True
+    return train, val, overlaps
+
+
+# --------------------------------------------------------------------------------------------
+# Top targets and row subsets
+
+
+@partial(jax.jit, static_argnums=(2,))
+def _top_ids(h: jax.Array, W: jax.Array, top_n: int) -> jax.Array:
+    logits = jnp.matmul(h, W.T, precision=HIGHEST)
+    return jax.lax.top_k(logits, top_n)[1]
+
+
+def compute_top_targets(
+    W: Any, hidden: Any, top_n: int = TOP_TARGETS_N, hidden_batch: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(top_targets (N, n) int64, top_counts (V,) int64)``: for each hidden state the row
+    positions of its ``n = min(top_n, V)`` largest logits h @ W^T, and how often each row appears
+    in those lists. Ties go to the lower row."""
+    W_j = jnp.asarray(np.asarray(W, np.float32))
+    H = np.asarray(hidden, np.float32)
+    V = W_j.shape[0]
+    n = min(int(top_n), V)
+    parts = [
+        np.asarray(_top_ids(jnp.asarray(H[s : s + hidden_batch]), W_j, n))
+        for s in range(0, H.shape[0], hidden_batch)
+    ]
+    targets = np.concatenate(parts, axis=0).astype(np.int64) if parts else np.zeros((0, n), np.int64)
+    counts = np.bincount(targets.reshape(-1), minlength=V).astype(np.int64)
+    return targets, counts
+
+
+def choose_row_subset(
+    W: Any, hidden: Any, max_rows: int | None, seed: int, token_mask: Any = None
+) -> np.ndarray:
+    """Vocabulary ids (ascending unless topped up) of the rows to train on.
+
+    ``max_rows`` None or >= the allowed rows: every allowed id in ascending order. Otherwise
+    half the budget goes to the most frequent top-5 targets of the first 256 hidden states
+    (count > 0, allowed only), the rest is filled from a seeded permutation of allowed ids.
+    """
+    W_np = np.asarray(W, np.float32)
+    V = W_np.shape[0]
+    allowed = np.ones(V, bool) if token_mask is None else np.asarray(token_mask, bool).reshape(-1)
+    if allowed.shape[0] != V:
+        raise ShapeError(f"token_mask length {allowed.shape[0]} does not match vocab {V}")
+    allowed_idx = np.flatnonzero(allowed).astype(np.int64)
+    if max_rows is None or max_rows >= allowed_idx.shape[0]:
+        return allowed_idx
+    keep = int(max_rows)
+    H = np.asarray(hidden, np.float32)[:256]
+    _, counts = compute_top_targets(W_np, H, top_n=5)
+    counts = np.where(allowed, counts, 0)
+    ranked = np.argsort(-counts, kind="stable")
+    active = ranked[counts[ranked] > 0]
+    take_active = active[: min(active.shape[0], keep // 2)]
+    perm = allowed_idx[np.random.default_rng(int(seed)).permutation(allowed_idx.shape[0])]
+    free = np.ones(V, bool)
+    free[take_active] = False
+    fill = perm[free[perm]][: keep - take_active.shape[0]]
+    row_ids = np.unique(np.concatenate([take_active, fill]))
+    if row_ids.shape[0] < keep:
+        remaining = perm[~np.isin(perm, row_ids)][: keep - row_ids.shape[0]]
+        row_ids = np.concatenate([row_ids, remaining])
+    return row_ids[:keep].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Row sampling
+
+
+def validate_sampling_mode(mode: str | None) -> str:
+    """Return the mode (None/'' -> 'uniform') or raise ConfigError naming it."""
+    mode = mode or "uniform"
+    if mode in _FIXED_MODES or _POW.match(mode):
+        return mode
+    m = _HYBRID.match(mode)
+    if m:
+        try:
+            float(m.group("f")), float(m.group("u"))
+            return mode
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"unknown training.row_sampling mode {mode!r} (expected uniform, frequency, frequency_sqrt, "
+        "frequency_pow_<p>, hybrid_<F>freq_<U>uniform, top1_sqrt_frequency or top5_sqrt_frequency)"
+    )
+
+
+def row_sampling_weights(dataset: Any, mode: str | None) -> np.ndarray:
+    """Normalised sampling probabilities (V,) float64 over the kept rows.
+
+    ``dataset`` needs ``top_counts`` (V,) and ``top_targets`` (N, n) (a ``PrismDataset`` or
+    any object/mapping with those). Frequencies are top-8 appearance counts, floored at 1.
+    """
+    mode = validate_sampling_mode(mode)
+    get = dataset.get if isinstance(dataset, Mapping) else lambda k: getattr(dataset, k)
+    counts = np.asarray(get("top_counts"), np.float64)
+    V = counts.shape[0]
+    freq = np.maximum(counts, 1.0)
+    if mode == "uniform":
+        w = np.ones(V)
+    elif mode == "frequency":
+        w = freq
+    elif mode in ("frequency_sqrt",):
+        w = freq**0.5
+    elif _POW.match(mode):
+        w = freq ** float(_POW.match(mode).group("p"))
+    elif mode.startswith("hybrid_"):
+        m = _HYBRID.match(mode)
+        f_pct, u_pct = float(m.group("f")), float(m.group("u"))
+        f = f_pct / max(f_pct + u_pct, 1e-8)
+        w = f * (freq / freq.sum()) + (1.0 - f) * np.full(V, 1.0 / V)
+    else:
+        targets = np.asarray(get("top_targets"), np.int64)
+        cols = 1 if mode == "top1_sqrt_frequency" else min(5, targets.shape[1] if targets.ndim == 2 else 1)
+        hits = np.bincount(targets[:, :cols].reshape(-1), minlength=V).astype(np.float64)
+        w = np.sqrt(np.maximum(hits, 1.0))
+    return w / w.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+
+
+@dataclasses.dataclass
+class PrismDataset:
+    """Everything training and evaluation read (reference field names).
+
+    ``W_U`` (V, d) the kept raw rows; ``rows_normalized`` (V, d); ``row_mean`` (d,);
+    ``row_norms`` (V,); ``hidden_train`` (N_t, d); ``hidden_val`` (N_v, d); ``row_token_ids``
+    (V,) int64 vocab ids; ``top_targets`` (N_t, 8) int64 row positions; ``top_counts`` (V,)
+    int64; ``source_path``; ``used_fallback``; ``val_overlaps_train``; ``token_labels``
+    (placeholders ``tok_<id>``); ``h_LN_grid`` the raw hidden payload. Arrays are NumPy float32.
+    """
+
+    W_U: np.ndarray
+    rows_normalized: np.ndarray
+    row_mean: np.ndarray
+    row_norms: np.ndarray
+    hidden_train: np.ndarray
+    hidden_val: np.ndarray
+    row_token_ids: np.ndarray
+    top_targets: np.ndarray
+    top_counts: np.ndarray
+    source_path: str
+    used_fallback: bool
+    val_overlaps_train: bool = False
+    token_labels: list[str] = dataclasses.field(default_factory=list)
+    h_LN_grid: np.ndarray | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.W_U.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_U.shape[1])
+
+    def readout(self, softcap: float | None = None):
+        """This dataset's rows as a :class:`srp_jax.readout.Readout` (no recomputation)."""
+        from .readout import Readout
+
+        return Readout(
+            W_U=jnp.asarray(self.W_U),
+            row_mean=jnp.asarray(self.row_mean),
+            row_norms=jnp.asarray(self.row_norms),
+            rows_normalized=jnp.asarray(self.rows_normalized),
+            row_token_ids=np.asarray(self.row_token_ids, np.int64),
+            softcap=softcap,
+        )
+
+
+def _data_block(config: Any):
+    from .config import DataConfig, RunConfig
+
+    if isinstance(config, RunConfig):
+        return config.data
+    if isinstance(config, DataConfig):
+        return config
+    if isinstance(config, Mapping):
+        block = config.get("data", config) if "data" in config or not config else config
+        if block is config and any(k in config for k in ("factorizer", "training", "run")):
+            block = {}
+        from .config import _build
+
+        return _build(DataConfig, "data", block)
+    raise ConfigError(f"expected a run config or a data block, got {type(config).__name__}")
+
+
+def resolve_data_path(path: str | None) -> Path | None:
+    """Expand ``${VAR}`` / ``~`` in a configured path (an unset variable stays literal)."""
+    if not path:
+        return None
+    return Path(os.path.expanduser(os.path.expandvars(path)))
+
+
+def load_prism_dataset(config: Any, seed: int = 0, *, payload: Mapping[str, Any] | None = None) -> PrismDataset:
+    """Build the training dataset from a run config (``RunConfig``, a config mapping or a
+    ``data`` block) and the legacy ``seed`` (``data.data_seed`` defaults to it).
+
+    Source: ``payload`` if given, else ``data.path`` when it is a file, else the synthetic
+    fallback (``fallback: synthetic``) or a CheckpointError (``fallback: error``).
+    """
+    data = _data_block(config)
+    data_seed = int(seed if data.data_seed is None else data.data_seed)
+    used_fallback = False
+    if payload is not None:
+        loaded = payload_from_mapping(payload, source="payload")
+        source = "payload"
+    else:
+        path = resolve_data_path(data.path)
+        if path is not None and path.is_file():
+            loaded = read_payload(path)
+            source = str(path)
+        elif data.fallback == "synthetic":
+            W, h = make_synthetic_data(seed=data_seed)
+            loaded = {"W_U": W, "h_LN": h}
+            source, used_fallback = "synthetic", True
+        else:
+            raise CheckpointError(
+                f"data.path {data.path!r} is not a file and data.fallback is 'error' "
+                "(set data.path / --data-path to a readout payload, or the environment variable it names)"
+            )
+    W_full, h_grid = loaded["W_U"], loaded["h_LN"]
+    mask = loaded.get("token_mask") if data.apply_token_mask else None
+    hidden = drop_padding(h_grid)
+    hidden_train, hidden_val, overlaps = split_hidden(
+        hidden, data.max_hidden, data.val_hidden, data_seed + HIDDEN_SEED_OFFSET
+    )
+    row_ids = choose_row_subset(W_full, hidden_train, data.max_rows, data_seed + ROW_SUBSET_SEED_OFFSET, mask)
+    W = np.ascontiguousarray(W_full[row_ids])
+    from .readout import preprocess_rows
+
+    row_mean, row_norms, rows_normalized = (np.asarray(a, np.float32) for a in preprocess_rows(W))
+    top_targets, top_counts = compute_top_targets(W, hidden_train, top_n=TOP_TARGETS_N)
+    return PrismDataset(
+        W_U=W,
+        rows_normalized=rows_normalized,
+        row_mean=row_mean,
+        row_norms=row_norms,
+        hidden_train=hidden_train,
+        hidden_val=hidden_val,
+        row_token_ids=row_ids.astype(np.int64),
+        top_targets=top_targets,
+        top_counts=top_counts,
+        source_path=source,
+        used_fallback=used_fallback,
+        val_overlaps_train=overlaps,
+        token_labels=[f"tok_{int(i)}" for i in row_ids],
+        h_LN_grid=h_grid,
+    )
+
+
+__all__ = [
+    "PrismDataset",
+    "read_payload",
+    "payload_from_mapping",
+    "make_synthetic_data",
+    "drop_padding",
+    "split_hidden",
+    "compute_top_targets",
+    "choose_row_subset",
+    "validate_sampling_mode",
+    "row_sampling_weights",
+    "resolve_data_path",
+    "load_prism_dataset",
+]

@@ -1,0 +1,104 @@
+"""The train state: one pytree with stable names (sharding rules and Orbax key on them).
+
+``TrainState`` fields: ``params`` / ``buffers`` (see :mod:`srp_jax.factorizers`),
+``opt_state`` (optax), ``step`` (int32, updates done), ``rng`` (uint32[2] base key: the step
+key is ``fold_in(rng, step)``, so resuming at any step replays the same draws),
+``controller`` (``coeff``, ``l0_ema``, ``l0_ema_init``: the L0 controller),
+``since_fired`` (D,) int32 (steps since each latent last fired, for AuxK / dead tracking),
+``l0_sum`` / ``l0_count`` (the running mean L0 over the last 1000 steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import factorizers as F
+from ..config import FactorizerConfig, TrainingConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    buffers: Any
+    step: jax.Array
+    rng: jax.Array
+    controller: dict
+    since_fired: jax.Array
+    l0_sum: jax.Array
+    l0_count: jax.Array
+
+
+def controller_coeff_init(fcfg: FactorizerConfig, tcfg: TrainingConfig) -> float:
+    c = tcfg.l0_controller
+    if c.coeff_init is not None:
+        return float(c.coeff_init)
+    return float(tcfg.l0_coeff or tcfg.l1_coeff or 1e-4)
+
+
+def controller_coeff_max(fcfg: FactorizerConfig, tcfg: TrainingConfig) -> float:
+    c = tcfg.l0_controller
+    if c.coeff_max is not None:
+        return float(c.coeff_max)
+    return 0.01 if fcfg.architecture == "jumprelu" else 0.05
+
+
+def init_params(
+    key: jax.Array,
+    fcfg: FactorizerConfig,
+    tcfg: TrainingConfig,
+    d_model: int,
+    rows_normalized: Any = None,
+    sample_weights: Any = None,
+) -> tuple[F.Params, F.Buffers]:
+    """Random init (the reference's), or ``row_seeded`` (spec decision 2): decoder rows =
+    ``rows_normalized`` of D rows drawn by ``sample_weights`` without replacement (with
+    replacement only when D > V), encoder kernel = decoder^T (tied at init), encoder bias 0."""
+    k_rand, k_rows = jax.random.split(key)
+    params, buffers = F.init_factorizer(k_rand, fcfg, d_model)
+    if tcfg.init_mode == "row_seeded":
+        rows = jnp.asarray(rows_normalized, jnp.float32)
+        V, D = rows.shape[0], fcfg.d_features
+        p = None if sample_weights is None else jnp.asarray(np.asarray(sample_weights, np.float64), jnp.float32)
+        idx = jax.random.choice(k_rows, V, (D,), replace=D > V, p=p)
+        decoder = F.normalize_rows(rows[idx])
+        params = {**params, "decoder": decoder, "encoder": {"kernel": decoder.T, "bias": jnp.zeros((D,), jnp.float32)}}
+    return params, buffers
+
+
+def init_train_state(
+    seed: int,
+    fcfg: FactorizerConfig,
+    tcfg: TrainingConfig,
+    d_model: int,
+    optimizer,
+    rows_normalized: Any = None,
+    sample_weights: Any = None,
+) -> TrainState:
+    """A fresh state: parameters from ``fold_in(PRNGKey(seed), 0)``, step keys from
+    ``fold_in(PRNGKey(seed), 1)`` (stored as ``rng``)."""
+    base = jax.random.PRNGKey(int(seed))
+    params, buffers = init_params(jax.random.fold_in(base, 0), fcfg, tcfg, d_model, rows_normalized, sample_weights)
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        buffers=buffers,
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.fold_in(base, 1),
+        controller={
+            "coeff": jnp.asarray(controller_coeff_init(fcfg, tcfg), jnp.float32),
+            "l0_ema": jnp.zeros((), jnp.float32),
+            "l0_ema_init": jnp.zeros((), jnp.int32),
+        },
+        since_fired=jnp.zeros((fcfg.d_features,), jnp.int32),
+        l0_sum=jnp.zeros((), jnp.float32),
+        l0_count=jnp.zeros((), jnp.int32),
+    )
+
+
+__all__ = ["TrainState", "init_params", "init_train_state", "controller_coeff_init", "controller_coeff_max"]

@@ -1,0 +1,235 @@
+"""Each training term against an independent expectation (small shapes)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from srp_jax import factorizers as F
+from srp_jax.config import FactorizerConfig, TrainingConfig
+from srp_jax.train.schedules import learning_rate, prism_weight
+from srp_jax.train.state import init_train_state
+from srp_jax.train.step import (
+    StepSpec,
+    TrainData,
+    auxk_loss,
+    controller_update,
+    make_optimizer,
+    sample_row_indices,
+    selected_prism_loss,
+    train_step_jit,
+)
+
+
+def _dataset(V=48, d=8, N=20, seed=0):
+    from types import SimpleNamespace
+
+    from srp_jax.data import compute_top_targets
+    from srp_jax.readout import preprocess_rows
+
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((V, d)).astype(np.float32)
+    H = rng.standard_normal((N, d)).astype(np.float32)
+    mu, a, x = (np.asarray(t) for t in preprocess_rows(W))
+    targets, counts = compute_top_targets(W, H)
+    return SimpleNamespace(W_U=W, rows_normalized=x, row_mean=mu, row_norms=a, hidden_train=H,
+                           top_targets=targets, top_counts=counts, d_model=d, vocab_size=V)
+
+
+def test_lr_schedule_breakpoints():
+    c = TrainingConfig(steps=100, lr=1e-3)
+    assert float(learning_rate(c, 1)) == pytest.approx(1e-3) and float(learning_rate(c, 100)) == pytest.approx(1e-3)
+    w = TrainingConfig(steps=100, lr=1e-3, lr_schedule="warmup_cosine", lr_warmup_steps=10, final_lr_frac=0.1)
+    assert float(learning_rate(w, 1)) == pytest.approx(1e-4)
+    assert float(learning_rate(w, 5)) == pytest.approx(5e-4)
+    assert float(learning_rate(w, 10)) == pytest.approx(1e-3)
+    assert float(learning_rate(w, 55)) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-5)  # half way: cos(pi/2)=0
+    assert float(learning_rate(w, 100)) == pytest.approx(1e-4, rel=1e-5)
+    d = TrainingConfig(steps=200, lr_schedule="warmup_cosine")
+    assert d.warmup_steps == 10 and float(learning_rate(d, 10)) == pytest.approx(1e-3)
+    # the optax schedule sees 0-based update counts
+    from srp_jax.train.schedules import optax_lr_schedule
+
+    assert float(optax_lr_schedule(w)(0)) == pytest.approx(float(learning_rate(w, 1)))
+
+
+def test_lambda_schedule_breakpoints():
+    c = TrainingConfig(steps=100, lambda_prism=0.01)
+    assert float(prism_weight(c, 1)) == pytest.approx(0.01)
+    r = TrainingConfig(steps=100, lambda_prism=1e-3, lambda_mode="delayed_ramp", lambda_ramp_start_frac=0.7)
+    assert float(prism_weight(r, 1)) == 0.0 and float(prism_weight(r, 69)) == 0.0
+    assert float(prism_weight(r, 70)) == 0.0
+    assert float(prism_weight(r, 85)) == pytest.approx(0.5e-3, rel=1e-5)
+    assert float(prism_weight(r, 100)) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_row_sampling_frequencies_by_counting():
+    w = np.array([0.5, 0.25, 0.125, 0.125, 0.0 + 1e-12])
+    w = w / w.sum()
+    idx = np.asarray(sample_row_indices(jax.random.PRNGKey(0), jnp.log(jnp.asarray(w, jnp.float32)), 200_000))
+    freq = np.bincount(idx, minlength=5) / idx.size
+    np.testing.assert_allclose(freq, w, atol=0.004)
+    # with replacement: a batch larger than V works and repeats rows
+    assert np.asarray(sample_row_indices(jax.random.PRNGKey(1), jnp.zeros(3), 10)).shape == (10,)
+
+
+def test_prism_penalty_matches_direct_computation():
+    ds = _dataset()
+    fcfg = FactorizerConfig(architecture="topk", d_features=32, k=4)
+    params, buffers = F.init_factorizer(jax.random.PRNGKey(3), fcfg, ds.d_model)
+    data = TrainData.from_dataset(ds, np.ones(ds.vocab_size) / ds.vocab_size, prism_ranks=3)
+    key = jax.random.PRNGKey(9)
+    got, _ = selected_prism_loss(fcfg, params, buffers, data, key, 16, 4)
+    # replay the same draws, then compute the penalty directly in float64 NumPy
+    k_h, k_r = jax.random.split(key)
+    h_idx = np.asarray(jax.random.randint(k_h, (16,), 0, ds.hidden_train.shape[0]))
+    rank = np.asarray(jax.random.randint(k_r, (16,), 0, 3))
+    tok = ds.top_targets[h_idx, rank]
+    enc = np.asarray(params["encoder"]["kernel"], np.float64)
+    b = np.asarray(params["encoder"]["bias"], np.float64)
+    dec = np.asarray(params["decoder"], np.float64)
+    x = ds.rows_normalized[tok].astype(np.float64)
+    acts = np.maximum(x @ enc + b, 0)
+    code = np.zeros_like(acts)
+    top = np.argsort(-acts, axis=1)[:, :4]
+    np.put_along_axis(code, top, np.take_along_axis(acts, top, 1), 1)
+    w_hat = ds.row_mean + ds.row_norms[tok][:, None] * (code @ dec)
+    h = ds.hidden_train[h_idx].astype(np.float64)
+    w = ds.W_U[tok].astype(np.float64)
+    ratio = np.sum(h * (w - w_hat), 1) / np.maximum(np.abs(np.sum(h * w, 1)), 1e-5)
+    assert float(got) == pytest.approx(float(np.mean(ratio**2)), rel=1e-4)
+    assert (rank > 0).any()  # P = 3 ranks really used
+
+
+def test_controller_update_hand_computed():
+    fcfg = FactorizerConfig(architecture="l1_relu", d_features=16)
+    ctrl_cfg = {"enabled": True, "target_l0": 10.0, "kp": 0.2, "ema": 0.9, "warmup_steps": 5, "control_period": 10,
+                "err_clip": 0.3, "coeff_init": 1e-3}
+    tcfg = TrainingConfig(l0_controller=ctrl_cfg)
+    spec = StepSpec.build(fcfg, tcfg, 8, 0)
+    assert spec.controller_on
+    c0 = {"coeff": jnp.float32(1e-3), "l0_ema": jnp.float32(0.0), "l0_ema_init": jnp.int32(0)}
+    c1 = controller_update(spec, c0, jnp.float32(12.0), jnp.int32(3))  # first call copies; warmup: no change
+    assert float(c1["l0_ema"]) == 12.0 and float(c1["coeff"]) == pytest.approx(1e-3)
+    c2 = controller_update(spec, c1, jnp.float32(14.0), jnp.int32(20))  # ema 12.2 -> err 0.22
+    assert float(c2["l0_ema"]) == pytest.approx(12.2, rel=1e-6)
+    assert float(c2["coeff"]) == pytest.approx(1e-3 * math.exp(0.2 * 0.22), rel=1e-5)
+    c3 = controller_update(spec, c1, jnp.float32(14.0), jnp.int32(21))  # not a control step
+    assert float(c3["coeff"]) == pytest.approx(1e-3)
+    big = controller_update(spec, c1, jnp.float32(1000.0), jnp.int32(30))  # error clipped to 0.3
+    assert float(big["coeff"]) == pytest.approx(1e-3 * math.exp(0.2 * 0.3), rel=1e-5)
+    hi = {**c1, "coeff": jnp.float32(0.049)}
+    assert float(controller_update(spec, hi, jnp.float32(1000.0), jnp.int32(30))["coeff"]) == pytest.approx(0.05)
+    # the controller is ignored for the TopK family
+    assert not StepSpec.build(FactorizerConfig(architecture="topk", d_features=16, k=2), tcfg, 8, 0).controller_on
+
+
+def test_adamw_with_clip_matches_hand_written_update():
+    tcfg = TrainingConfig(lr=1e-2, weight_decay=0.1)
+    opt = make_optimizer(tcfg)
+    p = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([[0.5, -0.5]])}
+    g = {"a": jnp.array([3.0, 0.0, -4.0]), "b": jnp.array([[12.0, 0.0]])}  # global norm 13 -> clip
+    state = opt.init(p)
+    upd, _ = opt.update(g, state, p)
+    new = optax.apply_updates(p, upd)
+    lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-8
+    gn = math.sqrt(9 + 16 + 144)
+    for name in ("a", "b"):
+        pv, gv = np.asarray(p[name], np.float64), np.asarray(g[name], np.float64) / gn
+        m = (1 - b1) * gv / (1 - b1)
+        v = (1 - b2) * gv**2 / (1 - b2)
+        want = pv * (1 - lr * wd) - lr * m / (np.sqrt(v) + eps)  # torch.optim.AdamW, step 1
+        np.testing.assert_allclose(np.asarray(new[name]), want, rtol=1e-6, atol=1e-7)
+    torch = pytest.importorskip("torch")  # and against torch itself, two steps
+    tp = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    topt = torch.optim.AdamW([tp], lr=1e-2, weight_decay=0.1)
+    pa, st = {"a": p["a"]}, None
+    opt1 = make_optimizer(tcfg)
+    st = opt1.init(pa)
+    for grad in ([0.3, 0.1, -0.2], [-0.1, 0.2, 0.05]):
+        topt.zero_grad()
+        tp.grad = torch.tensor(grad)
+        torch.nn.utils.clip_grad_norm_([tp], 1.0)
+        topt.step()
+        u, st = opt1.update({"a": jnp.array(grad)}, st, pa)
+        pa = optax.apply_updates(pa, u)
+    np.testing.assert_allclose(np.asarray(pa["a"]), tp.detach().numpy(), rtol=1e-6)
+
+
+def test_train_step_matches_hand_assembled_step():
+    ds = _dataset()
+    fcfg = FactorizerConfig(architecture="topk", d_features=32, k=4)
+    tcfg = TrainingConfig(steps=5, batch_size=16, code_l2=1e-3, lambda_prism=0.5)
+    spec = StepSpec.build(fcfg, tcfg, ds.d_model, ds.hidden_train.shape[0])
+    w = np.ones(ds.vocab_size) / ds.vocab_size
+    data = TrainData.from_dataset(ds, w, spec.prism_ranks)
+    state = init_train_state(0, fcfg, tcfg, ds.d_model, make_optimizer(tcfg))
+    new, m = train_step_jit(spec, state, data)
+    key = jax.random.fold_in(state.rng, 1)
+    k_rows, k_prism = jax.random.split(key)
+    x = data.rows_normalized[sample_row_indices(k_rows, data.sample_logits, 16)]
+
+    def loss(p):
+        code = F.encode(fcfg, p, {}, x, 4)
+        rec = jnp.mean((F.decode(p, code) - x) ** 2)
+        prism, _ = selected_prism_loss(fcfg, p, {}, data, k_prism, spec.prism_batch, 4)
+        return rec + 0.5 * prism + 1e-3 * jnp.mean(code**2), (rec, prism)
+
+    (l, (rec, prism)), g = jax.value_and_grad(loss, has_aux=True)(state.params)
+    opt = make_optimizer(tcfg)
+    upd, _ = opt.update(g, opt.init(state.params), state.params)
+    want = F.normalize_decoder(optax.apply_updates(state.params, upd))
+    assert float(m["loss"]) == pytest.approx(float(l), rel=1e-6)
+    assert float(m["reconstruction_loss"]) == pytest.approx(float(rec), rel=1e-6)
+    assert float(m["prism_loss"]) == pytest.approx(float(prism), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(new.params["decoder"]), axis=1), 1.0, atol=1e-6)
+    assert int(new.step) == 1 and int(new.l0_count) == 1 and float(new.l0_sum) == pytest.approx(4.0)
+
+
+def test_jumprelu_decoder_not_renormalised_and_gated_terms():
+    ds = _dataset()
+    w = np.ones(ds.vocab_size) / ds.vocab_size
+    for arch, extra in (("jumprelu", {"l0_coeff": 1e-3}), ("gated", {"gate_l1_coeff": 1e-3})):
+        fcfg = FactorizerConfig(architecture=arch, d_features=16)
+        tcfg = TrainingConfig(steps=3, batch_size=8, lr=0.05, **extra)
+        spec = StepSpec.build(fcfg, tcfg, ds.d_model, 0)
+        state = init_train_state(0, fcfg, tcfg, ds.d_model, make_optimizer(tcfg))
+        new, m = train_step_jit(spec, state, TrainData.from_dataset(ds, w))
+        norms = np.linalg.norm(np.asarray(new.params["decoder"]), axis=1)
+        if arch == "jumprelu":
+            assert not np.allclose(norms, 1.0, atol=1e-4)
+        else:
+            np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+            assert float(m["loss"]) > float(m["reconstruction_loss"])  # + gated aux recon MSE
+
+
+def test_row_seeded_init_and_auxk():
+    ds = _dataset()
+    fcfg = FactorizerConfig(architecture="topk", d_features=16, k=2)
+    tcfg = TrainingConfig(init_mode="row_seeded", auxk_coeff=1.0, auxk_dead_steps=2, batch_size=8, steps=6)
+    w = np.ones(ds.vocab_size) / ds.vocab_size
+    state = init_train_state(0, fcfg, tcfg, ds.d_model, make_optimizer(tcfg), ds.rows_normalized, w)
+    dec = np.asarray(state.params["decoder"])
+    dist = np.min(np.linalg.norm(dec[:, None, :] - ds.rows_normalized[None], axis=-1), axis=1)
+    assert np.all(dist < 1e-5)  # every decoder row is a normalized W_U row
+    assert len({tuple(np.round(r, 5)) for r in dec}) == 16  # drawn without replacement (D <= V)
+    np.testing.assert_array_equal(np.asarray(state.params["encoder"]["kernel"]), dec.T)
+    assert not np.any(np.asarray(state.params["encoder"]["bias"]))
+    # AuxK: zero with no dead latents, positive when some are dead
+    x = jnp.asarray(ds.rows_normalized[:8])
+    recon = F.decode(state.params, F.encode(fcfg, state.params, {}, x, 2))
+    assert float(auxk_loss(state.params, x, recon, jnp.zeros(16, bool), 4)) == 0.0
+    assert float(auxk_loss(state.params, x, recon, jnp.ones(16, bool), 4)) > 0.0
+    spec = StepSpec.build(fcfg, tcfg, ds.d_model, 0)
+    data = TrainData.from_dataset(ds, w)
+    for _ in range(4):
+        state, m = train_step_jit(spec, state, data)
+    assert np.all(np.asarray(state.since_fired) >= 0)
+    assert float(m["dead_fraction"]) == pytest.approx(np.mean(np.asarray(state.since_fired) >= 2))
