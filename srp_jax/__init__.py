@@ -67,7 +67,7 @@ from .modules import (
     module_from_dictionary,
 )
 from .readout import Readout, center_normalize_rows, preprocess_rows, resolve_row_mean
-from .train import TrainState, train
+from .train import TrainState  # the loop itself: srp_jax.train.train (the subpackage stays importable)
 
 __all__ = [
     # reference-parity names
@@ -132,7 +132,6 @@ __all__ = [
     "hub",
     "fetch_checkpoint",
     "TrainState",
-    "train",
     # errors
     "SrpError",
     "ConfigError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,19 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--config", "smoke", "--out-dir", str(out)]) == 0
     assert "[skip]" in capsys.readouterr().err
+
+    # the README's quickstart block runs verbatim against this run directory
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Decompose a logit", 1)[1]
+    block = section.split("```python", 1)[1].split("```", 1)[0]
+    assert "results/smoke_demo/checkpoint.pt" in block
+    namespace: dict = {}
+    exec(block.replace("results/smoke_demo", str(out)), namespace)  # noqa: S102 - our own README
+    printed = capsys.readouterr().out
+    assert "active features:" in printed
+    result = namespace["result"]
+    assert abs(float(result.identity_error)) <= 1e-5
+    assert len(result.active_feature_indices) <= namespace["sae"].k == 32
 
 
 def test_cli_print_config_and_errors(capsys):

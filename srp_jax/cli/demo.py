@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..decompose import decompose_token_logit
     from ..dictionary import load_factorizer
     from ..gate import explain
-    from ..train import train
+    from ..train.loop import train
 
     overrides = [] if args.steps is None else [f"training.steps={int(args.steps)}"]
     metrics = train("smoke", overrides=overrides, out_dir=args.out_dir)
