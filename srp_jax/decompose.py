@@ -80,10 +80,16 @@ def token_terms(
     reconstructed and identity_error, computed in the reference's order of operations.
     """
     code = F.encode(cfg, params, buffers, row_normalized[None], k)[0]
-    decoded = F.decode(params, code[None])[0]
-    residual_row = w_row - (row_mean + row_norm * decoded)
     scores = _dot(params["decoder"], h)  # (D,) = h @ Dec^T
     contributions = row_norm * code * scores
+    return {"contributions": contributions, "code": code,
+            **_scalar_terms(params, h, w_row, row_mean, row_norm, code, contributions)}
+
+
+def _scalar_terms(params, h, w_row, row_mean, row_norm, code, contributions) -> dict[str, jax.Array]:
+    """original, base, feature_sum, residual, reconstructed and identity_error of one row."""
+    decoded = F.decode(params, code[None])[0]
+    residual_row = w_row - (row_mean + row_norm * decoded)
     original = _dot(h, w_row)
     base = _dot(h, row_mean)
     feature_sum = jnp.sum(contributions)
@@ -91,8 +97,6 @@ def token_terms(
     return {
         "original": original,
         "base": base,
-        "contributions": contributions,
-        "code": code,
         "feature_sum": feature_sum,
         "residual": residual,
         "reconstructed": base + feature_sum,
@@ -218,23 +222,12 @@ def _sparse_terms(cfg, k, m, params, buffers, h, w_row, row_mean, row_norm, row_
     rows = jnp.take(params["decoder"], idx, axis=0)  # (m, d)
     scores = _dot(rows, h)
     contributions = jnp.where(valid, row_norm * vals * scores, 0.0)
-    decoded = F.decode(params, code[None])[0]
-    residual_row = w_row - (row_mean + row_norm * decoded)
-    original = _dot(h, w_row)
-    base = _dot(h, row_mean)
-    feature_sum = jnp.sum(contributions)
-    residual = _dot(h, residual_row)
     return {
-        "original": original,
-        "base": base,
         "contributions": contributions,
         "indices": jnp.where(valid, idx, -1).astype(jnp.int32),
         "n_active": n_active,
         "truncated": n_active > m,
-        "feature_sum": feature_sum,
-        "residual": residual,
-        "reconstructed": base + feature_sum,
-        "identity_error": original - (base + feature_sum + residual),
+        **_scalar_terms(params, h, w_row, row_mean, row_norm, code, contributions),
     }
 
 
