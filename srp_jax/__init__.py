@@ -37,6 +37,7 @@ from .decompose import (
     decompose_tokens,
     margin_from_rows,
 )
+from . import errors as _errors
 from .dictionary import Dictionary, load_factorizer
 from .errors import (
     CheckpointError,
@@ -132,16 +133,5 @@ __all__ = [
     "hub",
     "fetch_checkpoint",
     "TrainState",
-    # errors
-    "SrpError",
-    "ConfigError",
-    "MissingConfigError",
-    "ShapeError",
-    "NonFiniteError",
-    "CheckpointError",
-    "MissingKeyError",
-    "UnexpectedKeyError",
-    "ThresholdNotReadyError",
-    "DependencyError",
-    "HubError",
 ]
+__all__ += _errors.__all__
