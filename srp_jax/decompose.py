@@ -29,7 +29,7 @@ import numpy as np
 from . import factorizers as F
 from ._arrays import as_float_array, as_index_array, check_last_dim, to_numpy
 from .config import FactorizerConfig
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, NonFiniteError, ShapeError
 from .readout import ROW_NORM_EPS
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -122,9 +122,15 @@ def _dictionary_arrays(model: Any) -> tuple[FactorizerConfig, F.Params, F.Buffer
 
 
 def _static_k(k: Any) -> int | None:
+    """``k`` as a Python int (a static jit argument) or None; non-integers are refused."""
     if k is None:
         return None
-    return int(np.asarray(to_numpy(k, name="k")))
+    if isinstance(k, (bool, np.bool_, str)):
+        raise ConfigError(f"k must be an integer or None, got {k!r}")
+    value = np.asarray(to_numpy(k, name="k"))
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
+        raise ConfigError(f"k must be an integer or None, got {k!r}")
+    return int(value)
 
 
 def decompose_token_logit(
@@ -349,6 +355,12 @@ def _token_id(token: Any, tokenizer: Any, role: str) -> int | None:
         if tokenizer is None:
             raise ConfigError(f"{role} {token!r} is a string: pass tokenizer= to resolve it")
         return resolve_single_token(tokenizer, token)
+    if not isinstance(token, (bool, np.bool_)) and not isinstance(token, (int, np.integer)):
+        # a 0-d integer array of any framework (jnp.argmax(...), torch.argmax(...), np.int64)
+        if getattr(token, "shape", None) is not None and len(token.shape) == 0:
+            value = to_numpy(token, name=role)
+            if np.issubdtype(value.dtype, np.integer):
+                token = int(value)
     if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
         raise ConfigError(f"{role} must be a token id or a token string, got {token!r}")
     if int(token) < 0:
@@ -567,14 +579,17 @@ def _weights_arrays(weights: Mapping[int, float] | tuple[Any, Any]) -> tuple[np.
             raise ConfigError("query weights are empty")
         ids = np.array(sorted(int(t) for t in weights), dtype=np.int64)
         alphas = np.array([float(weights[int(t)]) for t in ids], dtype=np.float32)
-        return ids, alphas
-    ids_raw, alphas_raw = weights
-    ids = as_index_array(ids_raw, name="query token ids", ndim=1)
-    alphas = np.asarray(to_numpy(alphas_raw, name="query weights"), dtype=np.float32)
-    if alphas.shape != ids.shape:
-        raise ShapeError(f"query weights have shape {alphas.shape} but token ids {ids.shape}")
-    order = np.argsort(ids, kind="stable")
-    return ids[order], alphas[order]
+    else:
+        ids_raw, alphas_raw = weights
+        ids = as_index_array(ids_raw, name="query token ids", ndim=1)
+        alphas = np.asarray(to_numpy(alphas_raw, name="query weights"), dtype=np.float32)
+        if alphas.shape != ids.shape:
+            raise ShapeError(f"query weights have shape {alphas.shape} but token ids {ids.shape}")
+        order = np.argsort(ids, kind="stable")
+        ids, alphas = ids[order], alphas[order]
+    if not np.all(np.isfinite(alphas)):
+        raise NonFiniteError("query weights hold NaN or Inf")
+    return ids, alphas
 
 
 def decompose_query(
@@ -638,6 +653,133 @@ def decompose_query(
         contributions=t["contributions"][active],
         feature_hidden_scores=t["scores"][active],
         query_feature_coeffs=t["coeff"][active],
+    )
+
+
+@flax.struct.dataclass
+class QueryDecompositions:
+    """B query decompositions with fixed shapes (the batched form of :class:`QueryDecomposition`).
+
+    Scalars are (B,) arrays with the same meaning as there (``feature_sum`` = sum of the
+    contributions). Per-feature terms are dense (B, D): ``contributions`` = beta_i (h . d_i),
+    ``query_feature_coeffs`` = beta_i; a feature is active for query b where its coefficient
+    is nonzero (``active_mask``), exactly the features :func:`decompose_query` lists.
+    """
+
+    exact_score: jax.Array
+    base_term: jax.Array
+    feature_sum: jax.Array
+    approx_score: jax.Array
+    residual: jax.Array
+    sign_preserved: jax.Array
+    identity_abs_error: jax.Array
+    contributions: jax.Array
+    query_feature_coeffs: jax.Array
+
+    @property
+    def active_mask(self) -> jax.Array:
+        return self.query_feature_coeffs != 0
+
+    def __len__(self) -> int:
+        return int(self.exact_score.shape[0])
+
+
+def _padded_queries(queries: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Queries -> (ids (B, T) int32, alphas (B, T) float32); padding is (id 0, alpha 0)."""
+    if isinstance(queries, Mapping):
+        queries = [queries] * batch
+    if isinstance(queries, tuple) and len(queries) == 2 and not isinstance(queries[0], Mapping):
+        ids = as_index_array(queries[0], name="query token ids", ndim=2)
+        alphas = np.asarray(to_numpy(queries[1], name="query weights"), dtype=np.float32)
+        if alphas.shape != ids.shape:
+            raise ShapeError(f"query weights have shape {alphas.shape} but token ids {ids.shape}")
+        if ids.shape[0] != batch:
+            raise ShapeError(f"{ids.shape[0]} queries for {batch} hidden states")
+        if not np.all(np.isfinite(alphas)):
+            raise NonFiniteError("query weights hold NaN or Inf")
+        return ids.astype(np.int32), alphas
+    queries = list(queries)
+    if len(queries) != batch:
+        raise ShapeError(f"{len(queries)} queries for {batch} hidden states")
+    pairs = [_weights_arrays(q) for q in queries]
+    width = max(p[0].size for p in pairs)
+    ids = np.zeros((batch, width), np.int32)
+    alphas = np.zeros((batch, width), np.float32)
+    for b, (i, a) in enumerate(pairs):
+        ids[b, : i.size], alphas[b, : a.size] = i, a
+    return ids, alphas
+
+
+def _batched_query_terms(cfg, k, params, buffers, H, W, ids, alphas, exact_logits, mean, mean_subtract):
+    rows = W[ids]  # (B, T, d)
+    return jax.vmap(
+        lambda h, r, a, lg, m: query_terms(cfg, k, params, buffers, h, r, a, lg, mean, m)
+    )(H, rows, alphas, exact_logits, mean_subtract)
+
+
+_batched_query_terms_jit = jax.jit(_batched_query_terms, static_argnums=(0, 1))
+
+
+def decompose_queries(
+    H: Any,
+    queries: Any,
+    model: Any,
+    *,
+    W_U: Any,
+    row_mean: Any = None,
+    mean_subtract: Any = 0.0,
+    logits: Any = None,
+    k: int | None = None,
+) -> QueryDecompositions:
+    """Decompose B linear queries over B hidden states in one jitted, vmapped call.
+
+    ``H`` (B, d); ``queries`` one weight mapping for every row, a list of B mappings (from
+    :func:`build_query_weights`; padded to a common width with zero weights, which add
+    exactly nothing), or padded arrays (ids (B, T), alphas (B, T)); ``mean_subtract`` a
+    scalar or (B,); ``logits`` (B, V) the caller's logits for ``exact`` (default h . W_U).
+    Query b equals ``decompose_query(H[b], queries[b], ...)``.
+    """
+    cfg, params, buffers, d_model = _dictionary_arrays(model)
+    Ha = as_float_array(H, name="H", ndim=2)
+    check_last_dim("H", Ha, d_model)
+    W = as_float_array(W_U, name="W_U", ndim=2)
+    check_last_dim("W_U", W, d_model)
+    batch = int(Ha.shape[0])
+    ids, alphas = _padded_queries(queries, batch)
+    if ids.size and (ids.min() < 0 or ids.max() >= W.shape[0]):
+        raise ShapeError(f"query token id outside the vocabulary [0, {W.shape[0]})")
+    m = np.broadcast_to(np.asarray(to_numpy(mean_subtract, name="mean_subtract"), np.float32), (batch,))
+    if not np.all(np.isfinite(m)):
+        raise NonFiniteError("mean_subtract holds NaN or Inf")
+    if row_mean is None:
+        from .readout import resolve_row_mean
+
+        mean_a = resolve_row_mean(W, ckpt=model)
+    else:
+        mean_a = _vector(row_mean, "row_mean", "row_mean must be a vector", d_model)
+    ids_j = jnp.asarray(ids)
+    if logits is None:
+        exact_logits = jnp.einsum("btd,bd->bt", W[ids_j], Ha, precision=HIGHEST)
+    else:
+        lg = as_float_array(logits, name="logits", ndim=2)
+        if lg.shape != (batch, W.shape[0]):
+            raise ShapeError(f"logits have shape {tuple(lg.shape)}, expected ({batch}, {W.shape[0]})")
+        exact_logits = jnp.take_along_axis(lg, ids_j, axis=1)
+    t = _batched_query_terms_jit(
+        cfg, _static_k(k), params, buffers, Ha, W, ids_j, jnp.asarray(alphas), exact_logits, mean_a,
+        jnp.asarray(m),
+    )
+    exact, approx = t["exact"], t["approx"]
+    return QueryDecompositions(
+        exact_score=exact,
+        base_term=t["base"],
+        feature_sum=t["feature_sum"],
+        approx_score=approx,
+        residual=t["residual"],
+        sign_preserved=(jnp.sign(exact) == jnp.sign(approx)).astype(jnp.int32),
+        identity_abs_error=t["identity_abs_error"],
+        contributions=t["contributions"],
+        query_feature_coeffs=t["coeff"],
     )
 
 
@@ -768,6 +910,7 @@ __all__ = [
     "Decomposition",
     "TokenDecompositions",
     "QueryDecomposition",
+    "QueryDecompositions",
     "MarginDecomposition",
     "QUERY_KINDS",
     "VOCAB_MEAN",
@@ -780,6 +923,7 @@ __all__ = [
     "resolve_single_token",
     "build_query_weights",
     "decompose_query",
+    "decompose_queries",
     "margin_from_rows",
     "coverage_stats",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 from . import factorizers as F
 from ._arrays import as_float_array, check_last_dim, to_numpy
 from .config import FactorizerConfig
-from .errors import CheckpointError, MissingConfigError, ShapeError
+from .errors import CheckpointError, ConfigError, MissingConfigError, ShapeError
 
 
 @dataclasses.dataclass
@@ -224,6 +225,56 @@ def _static_k(k: Any) -> int | None:
     return int(k)
 
 
+def _warn_if_nonfinite(dictionary: Dictionary, source: Any) -> None:
+    """Warn (not fail: the reference loads diverged runs too) when weights hold NaN/Inf."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path({"params": dictionary.params, "buffers": dictionary.buffers}):
+        arr = np.asarray(leaf)
+        if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+            count = int(arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32))))
+            if count:
+                bad.append(f"{jax.tree_util.keystr(path)} ({count})")
+    if bad:
+        where = "checkpoint dict" if isinstance(source, Mapping) else os.fspath(source)
+        warnings.warn(
+            f"{where}: non-finite values in {', '.join(bad)}; decompositions will be NaN and "
+            "evaluate() reports finite_metrics=False",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "tpu"}
+
+
+def resolve_device(device: Any) -> jax.Device:
+    """A ``jax.Device`` from a device, a platform string (``"cpu"``, ``"gpu"``, ``"tpu"``, and
+    the torch spellings ``"cuda"``, ``"cuda:1"``, ``"cpu:0"``) or a ``torch.device``."""
+    if isinstance(device, jax.Device):
+        return device
+    if isinstance(device, str):
+        platform, _, index_text = device.strip().lower().partition(":")
+        index = index_text or None
+    elif hasattr(device, "type") and hasattr(device, "index"):  # torch.device, without importing torch
+        platform, index = str(device.type), device.index
+    else:
+        raise ConfigError(f"device must be a jax.Device, a platform name or a torch.device, got {device!r}")
+    backend = _PLATFORM_ALIASES.get(platform)
+    if backend is None:
+        raise ConfigError(f"device {device!r}: unknown platform {platform!r} (expected cpu, gpu/cuda or tpu)")
+    try:
+        devices = jax.devices(backend)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r}: this JAX has no {backend} backend (have: {jax.default_backend()})") from None
+    try:
+        position = 0 if index is None else int(index)
+    except ValueError:
+        raise ConfigError(f"device {device!r}: bad device index {index!r}") from None
+    if not 0 <= position < len(devices):
+        raise ConfigError(f"device {device!r}: index {position} out of range ({len(devices)} {backend} device(s))")
+    return devices[position]
+
+
 def load_factorizer(
     checkpoint: str | os.PathLike | Mapping[str, Any],
     *,
@@ -238,18 +289,24 @@ def load_factorizer(
     ``checkpoint`` may be a loaded checkpoint dict, a ``checkpoint.pt`` path (read by
     ``convert`` with ``torch.load(weights_only=True)``; needs the ``convert`` extra), an
     srp-jax (Orbax) checkpoint directory, a training run directory (its ``checkpoint/``), or
-    ``"hub:<model>/<op>"`` for a published dictionary. ``device`` is a ``jax.Device`` (or a
-    platform name such as ``"cpu"``) to place the arrays on; ``freeze`` only records intent
+    ``"hub:<model>/<op>"`` for a published dictionary. ``device`` (a ``jax.Device``, a platform
+    name such as ``"cpu"`` / ``"cuda:0"``, or a ``torch.device``) places the arrays; ``freeze`` only records intent
     (JAX arrays are immutable); ``eval_mode=False`` returns it in training mode.
     """
+    dev = None if device is None else resolve_device(device)
     if isinstance(checkpoint, Mapping):
         dictionary = Dictionary.from_checkpoint_dict(
             checkpoint, d_model=d_model, factorizer_config=factorizer_config
         )
-    else:
+    elif isinstance(checkpoint, (str, os.PathLike)):
         dictionary = _load_from_location(checkpoint, d_model=d_model, factorizer_config=factorizer_config)
-    if device is not None:
-        dev = jax.devices(device)[0] if isinstance(device, str) else device
+    else:
+        raise ConfigError(
+            "checkpoint must be a path, 'hub:<model>/<op>' or a loaded checkpoint dict, "
+            f"got {type(checkpoint).__name__}"
+        )
+    _warn_if_nonfinite(dictionary, checkpoint)
+    if dev is not None:
         dictionary.params = jax.device_put(dictionary.params, dev)
         dictionary.buffers = jax.device_put(dictionary.buffers, dev)
     dictionary.frozen = bool(freeze)

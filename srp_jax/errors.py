@@ -37,12 +37,23 @@ class CheckpointError(SrpError, ValueError):
     """A checkpoint file or directory is missing, damaged, or does not match its schema."""
 
 
-class MissingKeyError(CheckpointError, KeyError):
-    """A checkpoint or state dict lacks a required key (named in the message)."""
+class MissingKeyError(CheckpointError, KeyError, RuntimeError):
+    """A checkpoint or state dict lacks a required key (named in the message).
+
+    ``KeyError`` for a missing payload/checkpoint key, ``RuntimeError`` because torch's strict
+    ``load_state_dict`` raises that for a missing state-dict key.
+    """
 
 
-class UnexpectedKeyError(CheckpointError):
-    """A state dict holds keys the architecture does not have (named in the message)."""
+class UnexpectedKeyError(CheckpointError, RuntimeError):
+    """A state dict holds keys the architecture does not have (named in the message).
+
+    A ``RuntimeError`` like torch's strict ``load_state_dict``.
+    """
+
+
+class StateDictShapeError(ShapeError, CheckpointError, RuntimeError):
+    """A state-dict tensor's shape disagrees with the config (torch raises ``RuntimeError``)."""
 
 
 class ThresholdNotReadyError(SrpError, RuntimeError):
@@ -66,6 +77,7 @@ __all__ = [
     "CheckpointError",
     "MissingKeyError",
     "UnexpectedKeyError",
+    "StateDictShapeError",
     "ThresholdNotReadyError",
     "DependencyError",
     "HubError",

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ARCHITECTURES, TOPK_FAMILY, FactorizerConfig
-from .errors import MissingKeyError, ShapeError, UnexpectedKeyError
+from .errors import MissingKeyError, ShapeError, StateDictShapeError, UnexpectedKeyError
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NORM_EPS = 1e-8
@@ -427,7 +427,7 @@ def state_dict_to_variables(
     for key, shape in expected.items():
         arr = to_numpy(state[key], name=f"{source}[{key!r}]")
         if tuple(arr.shape) != shape:
-            raise ShapeError(
+            raise StateDictShapeError(
                 f"{source}: {key!r} has shape {tuple(arr.shape)}, expected {shape} "
                 f"(d_model={d_model}, d_features={cfg.d_features})"
             )

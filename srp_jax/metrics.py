@@ -232,13 +232,16 @@ def _duplicate_flags(decoder: jax.Array, threshold: float, chunk: int) -> jax.Ar
     return flags.reshape(-1)[:D]
 
 
-def duplicate_decoder_frac(decoder: Any, threshold: float = 0.9, chunk: int = 1024) -> float:
+def duplicate_decoder_frac(
+    decoder: Any, threshold: float = 0.9, chunk: int = 1024, *, check_finite: bool = True
+) -> float:
     """Fraction of decoder rows (D, d) whose max cosine to any *other* row is >= threshold.
 
     Rows normalized with a 1e-8 norm floor; computed in blocks of ``chunk`` rows so memory is
     O(chunk·D) (the reference uses 4096; the block size does not change the result). 0 if D <= 1.
+    With ``check_finite=False`` a NaN row never counts as a duplicate (as in the reference).
     """
-    dec = as_float_array(decoder, name="decoder", ndim=2)
+    dec = as_float_array(decoder, name="decoder", ndim=2, check_finite=check_finite)
     D = int(dec.shape[0])
     if D <= 1:
         return 0.0
@@ -631,7 +634,8 @@ def evaluate(
         "val_top1_match": top1,
         f"val_top{overlap_k_cfg}_overlap": float(np.mean(overlap)),
         **usage,
-        "duplicate_decoder_frac": duplicate_decoder_frac(dictionary.params["decoder"], threshold=0.9),
+        # a diverged dictionary still gets its metrics (finite_metrics False, selection_score -1e9)
+        "duplicate_decoder_frac": duplicate_decoder_frac(dictionary.params["decoder"], threshold=0.9, check_finite=False),
         "identity_abs_error_max": float(np.max(id_err)),
         "identity_abs_error_mean": float(np.mean(id_err, dtype=np.float64 if wide else np.float32)),
     }

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import as_float_array, as_index_array, check_last_dim, to_numpy
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 
 ROW_NORM_EPS = 1e-8
 
@@ -145,12 +145,29 @@ class Readout:
         return cls(kept, mean, norms, normalized, ids.astype(np.int64), None if softcap is None else float(softcap))
 
     @classmethod
-    def for_dictionary(cls, W_U: Any, dictionary: Any, *, token_mask: Any = None, softcap: float | None = None) -> Readout:
+    def for_dictionary(
+        cls,
+        W_U: Any,
+        dictionary: Any,
+        *,
+        token_mask: Any = None,
+        softcap: float | None = None,
+        rows: str = "trained",
+    ) -> Readout:
         """Prepare ``W_U`` the way ``dictionary`` was trained: its stored ``row_mean``
-        (``resolve_row_mean`` order) and its ``row_token_ids`` when it has them."""
+        (``resolve_row_mean`` order), and which rows to keep:
+
+        ``rows="trained"`` (default; what evaluation wants) the dictionary's
+        ``row_token_ids`` when it has them, else the ``token_mask`` rows, else all;
+        ``rows="all"`` every vocabulary row, so any token can be decomposed.
+        """
+        if rows not in ("trained", "all"):
+            raise ConfigError(f"rows must be 'trained' or 'all', got {rows!r}")
         W = as_float_array(W_U, name="W_U", ndim=2)
         check_last_dim("W_U", W, dictionary.d_model)
         mean = resolve_row_mean(W, token_mask=token_mask, ckpt=dictionary)
+        if rows == "all":
+            return cls.from_weights(W, row_mean=mean, softcap=softcap)
         ids = getattr(dictionary, "row_token_ids", None)
         if ids is not None and (len(ids) == 0 or int(np.max(ids)) >= W.shape[0]):
             ids = None  # the dictionary covered another vocabulary; fall back to the mask / all rows
@@ -169,5 +186,8 @@ class Readout:
         found = order[pos]
         missing = ids[self.row_token_ids[found] != ids]
         if missing.size:
-            raise ShapeError(f"token id(s) {missing[:5].tolist()} are not among this readout's rows")
+            raise ShapeError(
+                f"token id(s) {missing[:5].tolist()} are not among this readout's rows "
+                "(Readout.for_dictionary(W_U, model, rows='all') keeps every vocabulary row)"
+            )
         return found

@@ -353,3 +353,158 @@ def test_batch_topk_needs_a_threshold_and_eval_mode():
     mu, norms, x = preprocess_rows(W)
     with pytest.raises(RuntimeError, match="threshold"):
         Dm.decompose_token_logit(H[0], W[0], mu, norms[0], x[0], sae)
+
+
+def _query_specs(logits):
+    return [
+        ("selected_token", dict(target=4), 0.0),
+        ("target_vs_vocab_mean", dict(target=4), 1.0),
+        ("pairwise_margin", dict(target_a=4, target_b=9), 0.0),
+        ("token_family_margin", dict(target_family=[1, 2], contrast_family=[3, 4, 5]), 0.0),
+        ("winner_vs_topk", dict(logits=logits, top_competitors=5), 0.0),
+        ("winner_vs_rank", dict(logits=logits, competitor_rank=4), 0.0),
+    ]
+
+
+@pytest.mark.parametrize("arch", srp_jax.config.ARCHITECTURES)
+def test_batched_queries_equal_single_calls_every_kind(arch):
+    """decompose_queries over B (h, query) pairs == a loop of decompose_query, and the
+    identity exact = base + features + residual holds per query."""
+    sae = random_dictionary(arch, seed=8)
+    W, H = random_readout_inputs(seed=9)
+    mu = np.asarray(preprocess_rows(W)[0])
+    queries, means, hs = [], [], []
+    for b in range(H.shape[0]):
+        for kind, spec, m in _query_specs(W @ H[b]):
+            weights, m_built, _ = Dm.build_query_weights(kind, **spec)
+            assert m_built == m
+            queries.append(weights)
+            means.append(m)
+            hs.append(H[b])
+    Hb = np.stack(hs)
+    batch = Dm.decompose_queries(Hb, queries, sae, W_U=W, row_mean=mu, mean_subtract=np.array(means))
+    assert len(batch) == Hb.shape[0] and batch.contributions.shape == (Hb.shape[0], sae.d_features)
+    ident = np.asarray(batch.exact_score) - np.asarray(batch.base_term) - np.asarray(batch.feature_sum) - np.asarray(batch.residual)
+    assert np.max(np.abs(ident)) <= 1e-5
+    assert np.max(np.asarray(batch.identity_abs_error)) <= 1e-4
+    for b, (h, weights, m) in enumerate(zip(hs, queries, means)):
+        q = Dm.decompose_query(h, weights, sae, W_U=W, row_mean=mu, mean_subtract=m)
+        for single, batched in [(q.exact_score, batch.exact_score), (q.base_term, batch.base_term),
+                                (q.sparse_feature_sum, batch.feature_sum), (q.residual, batch.residual),
+                                (q.approx_score, batch.approx_score)]:
+            assert _rel(batched[b], single) <= 1e-5
+        active = np.flatnonzero(np.asarray(batch.active_mask[b]))
+        np.testing.assert_array_equal(active, np.asarray(q.feature_ids))
+        np.testing.assert_allclose(np.asarray(batch.contributions[b])[active], np.asarray(q.contributions),
+                                   rtol=1e-5, atol=1e-6)
+        assert int(batch.sign_preserved[b]) == int(q.sign_preserved)
+
+
+def test_batched_queries_accept_one_query_padded_arrays_and_logits():
+    sae = random_dictionary("topk", seed=2)
+    W, H = random_readout_inputs(seed=3)
+    one = Dm.decompose_queries(H, {4: 1.0, 9: -1.0}, sae, W_U=W)
+    # padded arrays: the second slot of a single-token query is (id 0, weight 0) and adds nothing
+    ids = np.array([[4, 9]] * H.shape[0])
+    padded = Dm.decompose_queries(H, (ids, np.array([[1.0, -1.0]] * H.shape[0])), sae, W_U=W)
+    np.testing.assert_allclose(np.asarray(one.exact_score), np.asarray(padded.exact_score), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(one.exact_score), (W[4] - W[9]) @ H.T, rtol=1e-5, atol=1e-5)
+    single = Dm.decompose_queries(H, (np.array([[4, 0]] * H.shape[0]), np.array([[1.0, 0.0]] * H.shape[0])), sae, W_U=W)
+    np.testing.assert_allclose(np.asarray(single.exact_score), W[4] @ H.T, rtol=1e-5, atol=1e-5)
+    # caller logits feed `exact`; the identity check reports the gap
+    logits = H @ W.T
+    logits[:, 4] += 0.5
+    shifted = Dm.decompose_queries(H, {4: 1.0}, sae, W_U=W, logits=logits)
+    np.testing.assert_allclose(np.asarray(shifted.identity_abs_error), 0.5, atol=1e-4)
+    with pytest.raises(ShapeError, match="3 queries for 7 hidden states"):
+        Dm.decompose_queries(H, [{1: 1.0}] * 3, sae, W_U=W)
+    with pytest.raises(NonFiniteError, match="query weights"):
+        Dm.decompose_queries(H, {1: float("nan")}, sae, W_U=W)
+    with pytest.raises(ShapeError, match="logits have shape"):
+        Dm.decompose_queries(H, {1: 1.0}, sae, W_U=W, logits=logits[:, :3])
+
+
+def test_token_targets_accept_zero_d_arrays_of_any_framework():
+    torch = pytest.importorskip("torch")
+    logits = np.array([0.0, 3.0, 1.0, 7.0])
+    for target in (jnp.argmax(jnp.asarray(logits)), np.int64(3), np.array(3), torch.argmax(torch.tensor(logits))):
+        w, _, meta = Dm.build_query_weights("selected_token", target=target)
+        assert w == {3: 1.0} and meta["target_token_id"] == 3
+    w, _, _ = Dm.build_query_weights("token_family_margin", target_family=jnp.array([1, 2]),
+                                     contrast_family=torch.tensor([3]))
+    assert w == {1: 0.5, 2: 0.5, 3: -1.0}
+    for bad in (jnp.float32(2.0), np.array([1, 2]), True, 2.0):
+        with pytest.raises(ConfigError, match="token id"):
+            Dm.build_query_weights("selected_token", target=bad)
+
+
+def test_k_must_be_an_integer():
+    sae = random_dictionary("topk")
+    W, H = random_readout_inputs()
+    mu, norms, x = preprocess_rows(W)
+    d = Dm.decompose_token_logit(H[0], W[0], mu, norms[0], x[0], sae, k=np.int64(3))
+    assert int(np.asarray(d.active_feature_indices).size) <= 3
+    for bad in (2.5, "3", np.array([2, 3]), True):
+        with pytest.raises(ConfigError, match="k must be an integer"):
+            Dm.decompose_token_logit(H[0], W[0], mu, norms[0], x[0], sae, k=bad)
+    with pytest.raises(ConfigError, match="k must be an integer"):
+        Dm.decompose_rows(H, W[:7], mu, norms[:7], x[:7], sae, k=2.5)
+
+
+def test_readout_rows_all_reaches_tokens_outside_the_trained_rows():
+    sae = random_dictionary("topk")
+    W, H = random_readout_inputs()
+    mu = np.asarray(preprocess_rows(W)[0])
+    sae.row_mean = jnp.asarray(mu + 0.01)
+    sae.row_token_ids = np.arange(0, W.shape[0], 2)
+    trained = Readout.for_dictionary(W, sae)
+    assert trained.vocab_size == len(sae.row_token_ids)
+    with pytest.raises(ShapeError, match="rows='all'"):
+        Dm.decompose_tokens(H[:1], [3], trained, sae)
+    everything = Readout.for_dictionary(W, sae, rows="all")
+    np.testing.assert_array_equal(np.asarray(everything.row_mean), np.asarray(sae.row_mean))
+    batch = Dm.decompose_tokens(H[:2], [3, 4], everything, sae)
+    c = W[3] - (mu + 0.01)
+    single = Dm.decompose_token_logit(H[0], W[3], mu + 0.01, np.linalg.norm(c), c / np.linalg.norm(c), sae)
+    assert _rel(batch.feature_sum[0], single.feature_sum) <= 1e-5
+    assert _rel(batch.original_logit[0], W[3] @ H[0]) <= 1e-5
+    with pytest.raises(ConfigError, match="rows must be"):
+        Readout.for_dictionary(W, sae, rows="some")
+
+
+def _dot_precisions(jaxpr) -> list:
+    """Every dot_general precision in a jaxpr, sub-jaxprs (jit, vmap, cond, custom_vjp) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found.extend(_dot_precisions(inner))
+    return found
+
+
+@pytest.mark.parametrize("arch", srp_jax.config.ARCHITECTURES)
+def test_support_and_decomposition_matmuls_request_highest_precision(arch):
+    """CPU ignores matmul precision, so check what is asked of the compiler: every dot in the
+    encoder and in the token / query kernels is HIGHEST (GPU/TPU would otherwise use TF32/bf16)."""
+    from srp_jax import factorizers as F
+
+    sae = random_dictionary(arch)
+    W, H = random_readout_inputs()
+    mu, norms, x = preprocess_rows(W)
+    highest = jax.lax.Precision.HIGHEST
+    cfg, params, buffers = sae.config, sae.params, sae.buffers
+    jaxprs = [
+        jax.make_jaxpr(lambda xx: F.encode(cfg, params, buffers, xx))(x),
+        jax.make_jaxpr(lambda h, w, a, xr: Dm.token_terms(cfg, None, params, buffers, h, w, mu, a, xr))(
+            H[0], W[0], norms[0], x[0]),
+        jax.make_jaxpr(lambda h, rows: Dm.query_terms(cfg, None, params, buffers, h, rows, jnp.ones(2),
+                                                      jnp.ones(2), mu, jnp.float32(0)))(H[0], W[:2]),
+    ]
+    for jp in jaxprs:
+        precisions = _dot_precisions(jp.jaxpr)
+        assert precisions, "no matmul found"
+        assert all(p is not None and all(q == highest for q in p) for p in precisions), precisions

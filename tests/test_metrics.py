@@ -565,3 +565,26 @@ def test_batch_topk_without_threshold_refuses():
     rng = np.random.default_rng(0)
     with pytest.raises(ThresholdNotReadyError):
         M.evaluate(dic, make_readout(rng.normal(size=(10, 8))), rng.normal(size=(3, 8)).astype(np.float32))
+
+
+def test_diverged_dictionary_gets_metrics_flagged_not_a_crash(tmp_path):
+    """A decoder row of NaN (a diverged run): load_factorizer warns, evaluate still returns
+    every key with finite_metrics False and selection_score -1e9 (the reference's sentinel)."""
+    W, E, b, Dec, k, H = random_problem(seed=5)
+    Dec = Dec.copy()
+    Dec[3] = np.nan
+    ckpt = {
+        "factorizer": {"architecture": "topk", "d_features": Dec.shape[0], "k": k},
+        "model_state_dict": {"encoder.weight": E.T.copy(), "encoder.bias": b, "decoder": Dec},
+    }
+    with pytest.warns(RuntimeWarning, match=r"non-finite values in \['params'\]\['decoder'\] \(12\)"):
+        dic = srp_jax.load_factorizer(ckpt)
+    m = M.evaluate(dic, make_readout(W), H, evaluation={"k": k})
+    assert m["finite_metrics"] is False and m["selection_score"] == -1e9
+    assert math.isnan(m["row_centered_ev"])
+    healthy = M.evaluate(make_dictionary(E, b, np.nan_to_num(Dec), k), make_readout(W), H, evaluation={"k": k})
+    assert healthy["finite_metrics"] is True and healthy["selection_score"] > -1e9
+    with pytest.raises(NonFiniteError, match="decoder"):
+        M.duplicate_decoder_frac(Dec)  # the public helper still refuses NaN unless asked
+    assert M.duplicate_decoder_frac(Dec, check_finite=False) == M.duplicate_decoder_frac(
+        np.delete(Dec, 3, axis=0)) * (Dec.shape[0] - 1) / Dec.shape[0]
