@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from srp_jax import factorizers as F
-from srp_jax.checkpoint import load_checkpoint, save_dictionary
+from srp_jax.checkpoint import check_destination, is_srp_checkpoint, load_checkpoint, save_dictionary
 from srp_jax.dictionary import Dictionary
 from srp_jax.errors import CheckpointError, ShapeError, SrpError
 
@@ -253,9 +253,8 @@ def pt_dict_from_dictionary(
     return out
 
 
-def _refuse_existing(dst: Path, force: bool) -> None:
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise CheckpointError(f"{dst}: already exists (pass --force / force=True to replace it)")
+def _is_regular_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def pt_to_dictionary(src: str | os.PathLike, *, dtype: str | None = "float32") -> tuple[Dictionary, dict[str, Any]]:
@@ -270,7 +269,7 @@ def pt_to_orbax(
 ) -> Path:
     """Convert ``checkpoint.pt`` to an srp-jax checkpoint directory ``dst`` (atomic)."""
     dst = Path(dst)
-    _refuse_existing(dst, force)
+    check_destination(dst, force=force, sources=(src,), replaceable=is_srp_checkpoint, what="an srp-jax checkpoint")
     dictionary, layout = pt_to_dictionary(src, dtype=dtype)
     return save_dictionary(dictionary, dst, force=force, layout=layout)
 
@@ -281,9 +280,9 @@ def orbax_to_pt(
     """Convert an srp-jax checkpoint directory (or run directory) to ``checkpoint.pt`` (atomic)."""
     _check_dtype_option(dtype)
     dst = Path(dst)
-    _refuse_existing(dst, force)
     if dst.is_dir():
         raise CheckpointError(f"{dst}: is a directory; the .pt destination must be a file path")
+    check_destination(dst, force=force, sources=(src,), replaceable=_is_regular_file, what="a file")
     loaded = load_checkpoint(src)
     write_pt(pt_dict_from_dictionary(loaded.dictionary, loaded.layout, dtype=dtype), dst)
     return dst
@@ -294,7 +293,9 @@ def dictionary_to_pt(
 ) -> Path:
     """Write a ``Dictionary`` (e.g. fresh from training) as a reference-schema ``.pt``."""
     dst = Path(dst)
-    _refuse_existing(dst, force)
+    if dst.is_dir():
+        raise CheckpointError(f"{dst}: is a directory; the .pt destination must be a file path")
+    check_destination(dst, force=force, replaceable=_is_regular_file, what="a file")
     write_pt(pt_dict_from_dictionary(dictionary, None, dtype=dtype), dst)
     return dst
 

@@ -11,7 +11,8 @@ failed write never leaves a half-written file.
 from __future__ import annotations
 
 import os
-import tempfile
+import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from srp_jax._atomic import atomic_file
 from srp_jax.errors import CheckpointError
 
 
@@ -46,6 +48,41 @@ def _to_numpy_tree(obj: Any, keep_bfloat16: bool) -> Any:
     return obj
 
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+
+
+def _load_failure_detail(exc: BaseException) -> str:
+    """The informative line of torch's multi-line load error (not its advice boilerplate)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
+    if useful:
+        return useful[0]
+    for ln in lines:  # "... WeightsUnpickler error: <detail>" sometimes shares the advice line
+        if "error:" in ln and ln.rsplit("error:", 1)[1].strip():
+            return ln.rsplit("error:", 1)[1].strip()
+    return _first_line(exc)
+
+
+def _verify_zip_records(path: Path) -> None:
+    """Check every record of a zip-format ``.pt`` against its CRC-32 (torch writes one per
+    record), so damaged bytes anywhere — pickle, tensor data, metadata — are reported instead
+    of loading silently. Legacy (non-zip) pickles have no checksums and are not checked."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            # torch's reader (miniz) takes a record with the MS-DOS directory attribute for a
+            # folder and hands back uninitialised memory for its tensor: no tensor record is one
+            flagged = [i.filename for i in archive.infolist() if i.external_attr & 0x10 or i.filename.endswith("/")]
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, struct.error... on a damaged archive
+        raise CheckpointError(f"{path}: damaged zip archive ({type(exc).__name__}: {_first_line(exc)})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: record {bad!r} fails its CRC-32 check (the file is damaged)")
+    if flagged:
+        raise CheckpointError(f"{path}: record {flagged[0]!r} is marked as a directory (the file is damaged)")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -64,18 +101,20 @@ def read_pt(path: str | os.PathLike, *, keep_bfloat16: bool = False) -> dict[str
         raise CheckpointError(f"{path}: not a file (a .pt checkpoint is a single file)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
+    _verify_zip_records(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice about legacy files would reach stderr
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
-        text = str(exc)
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         globals_asked = [ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln]
         if globals_asked:
             detail = globals_asked[0]
             raise CheckpointError(
                 f"{path}: refused: the pickle asks to run code, which a weights-only load never does ({detail[:200]})"
             ) from None
-        detail = next((ln for ln in lines if not ln.startswith("Weights only load failed")), _first_line(exc))
+        detail = _load_failure_detail(exc)
         raise CheckpointError(
             f"{path}: not a loadable weights-only checkpoint, truncated or damaged ({type(exc).__name__}: {detail[:300]})"
         ) from None
@@ -112,16 +151,6 @@ def write_pt(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; a .pt checkpoint is a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = _to_torch_tree(obj)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

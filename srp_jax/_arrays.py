@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .errors import NonFiniteError, ShapeError
+from .errors import ConfigError, NonFiniteError, ShapeError
 
 
 def _is_torch_tensor(x: Any) -> bool:
@@ -92,3 +92,15 @@ def as_index_array(x: Any, *, name: str, ndim: int | None = None, upper: int | N
 def check_last_dim(name: str, arr, d_model: int, what: str = "the dictionary's d_model") -> None:
     if arr.shape[-1] != d_model:
         raise ShapeError(f"{name} has last dimension {arr.shape[-1]}, but {what} is {d_model}")
+
+
+def static_k(k: Any) -> int | None:
+    """``k`` as a Python int (a static jit argument) or None; non-integers are refused."""
+    if k is None:
+        return None
+    if isinstance(k, (bool, np.bool_, str)):
+        raise ConfigError(f"k must be an integer or None, got {k!r}")
+    value = np.asarray(to_numpy(k, name="k"))
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
+        raise ConfigError(f"k must be an integer or None, got {k!r}")
+    return int(value)

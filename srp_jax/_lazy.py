@@ -38,9 +38,9 @@ def read_pt(path, **kwargs: Any) -> dict[str, Any]:
     return _read(path, **kwargs)
 
 
-def write_pt(obj: dict[str, Any], path, **kwargs: Any) -> None:
-    """Write a reference-schema ``.pt`` checkpoint atomically."""
+def dictionary_to_pt(dictionary: Any, path, **kwargs: Any) -> Any:
+    """Write a ``Dictionary`` as a reference runner-schema ``checkpoint.pt`` (atomically)."""
     require_torch(f"writing {path}")
-    from convert.pt_io import write_pt as _write
+    from convert.checkpoints import dictionary_to_pt as _export
 
-    _write(obj, path, **kwargs)
+    return _export(dictionary, path, **kwargs)

@@ -46,6 +46,7 @@ import ml_dtypes
 import numpy as np
 
 from . import factorizers as F
+from ._atomic import publish_permissions
 from .config import FactorizerConfig
 from .dictionary import Dictionary
 from .errors import CheckpointError, ShapeError, SrpError
@@ -255,10 +256,7 @@ def save_dictionary(
 
     _check_dictionary(dictionary)
     path = Path(path).absolute()
-    if path.exists() and not force:
-        raise CheckpointError(f"{path}: already exists (pass force=True / --force to replace it)")
-    if path.exists() and not path.is_dir() and not force:
-        raise CheckpointError(f"{path}: exists and is not a directory")
+    check_destination(path, force=force, replaceable=is_srp_checkpoint, what="an srp-jax checkpoint")
     flat = _host_arrays(dictionary)
     arrays_meta = {
         name: {"shape": list(arr.shape), "dtype": _dtype_name(arr.dtype), "sha256": array_sha256(arr)}
@@ -267,6 +265,7 @@ def save_dictionary(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        publish_permissions(tmp, directory=True)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / ARRAYS_DIR, _unflatten(flat))
         files = {}
@@ -310,6 +309,31 @@ def save_dictionary(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def check_destination(
+    dst: str | os.PathLike,
+    *,
+    force: bool,
+    sources: tuple[str | os.PathLike, ...] = (),
+    replaceable: Any = None,
+    what: str = "",
+) -> None:
+    """Refuse a destination that would lose data: one that exists (unless ``force``), one
+    that is, holds or lies inside a source, and — even with ``force`` — an existing path
+    that ``replaceable(path)`` does not recognise as ``what`` (e.g. an unrelated directory)."""
+    dst = Path(dst)
+    target = dst.resolve()
+    for src in sources:
+        source = Path(src).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise CheckpointError(f"{dst}: the destination would overwrite the source {src}")
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not force:
+        raise CheckpointError(f"{dst}: already exists (pass --force / force=True to replace it)")
+    if replaceable is not None and not replaceable(dst):
+        raise CheckpointError(f"{dst}: exists and is not {what}; refusing to replace it (remove it first)")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -476,7 +500,7 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
             target[name] = np.empty(shapes[name], dtypes[name])
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(path / ARRAYS_DIR, _unflatten(target))
+            restored = ckptr.restore((path / ARRAYS_DIR).absolute(), _unflatten(target))
     except SrpError:
         raise
     except Exception as exc:  # noqa: BLE001 - Orbax/tensorstore raise many types; report one line

@@ -52,6 +52,15 @@ def _as_float(name: str, value: Any, *, allow_none: bool = False) -> float | Non
     return out
 
 
+def _as_list(name: str, value: Any) -> list[Any]:
+    """A YAML list (None -> []); a scalar or a mapping is an error naming the key."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
 def _unknown_keys(block: str, given: Mapping[str, Any], known: set[str]) -> None:
     extra = sorted(set(given) - known)
     if extra:
@@ -92,12 +101,15 @@ class FactorizerConfig:
         object.__setattr__(
             self,
             "k_values",
-            tuple(_as_int("factorizer.k_values[]", v, minimum=1) for v in (self.k_values or ())),
+            tuple(_as_int("factorizer.k_values[]", v, minimum=1) for v in _as_list("factorizer.k_values", self.k_values)),
         )
         object.__setattr__(
             self,
             "matryoshka_weights",
-            tuple(_as_float("factorizer.matryoshka_weights[]", v) for v in (self.matryoshka_weights or ())),
+            tuple(
+                _as_float("factorizer.matryoshka_weights[]", v)
+                for v in _as_list("factorizer.matryoshka_weights", self.matryoshka_weights)
+            ),
         )
         m = _as_float("factorizer.threshold_momentum", self.threshold_momentum)
         if not 0.0 <= m <= 1.0:

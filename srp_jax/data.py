@@ -41,8 +41,9 @@ _FIXED_MODES = (
     "top1_sqrt_frequency",
     "top5_sqrt_frequency",
 )
-_HYBRID = re.compile(r"^hybrid_(?P<f>[0-9.]+)freq_(?P<u>[0-9.]+)uniform$")
-_POW = re.compile(r"^frequency_pow_(?P<p>[0-9.]+)$")
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_HYBRID = re.compile(rf"^hybrid_(?P<f>{_NUMBER})freq_(?P<u>{_NUMBER})uniform$")
+_POW = re.compile(rf"^frequency_pow_(?P<p>{_NUMBER})$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,11 +54,14 @@ def read_payload(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a readout payload: ``{"W_U": (V, d) f32, "h_LN": (..., d) f32, "token_mask": (V,) bool?}``.
 
     Accepts ``.npz`` / ``.safetensors`` (keys ``W_U_orig`` or ``W_U``, ``h_LN``, optional
-    ``token_mask``), ``.npy`` (a pickled-free dict saved with ``allow_pickle`` is refused: use
-    ``.npz``) and the reference's ``.pt`` payloads (read with ``weights_only=True`` through the
-    ``convert`` extra). ``W_U_orig`` wins over ``W_U``, as in the reference.
+    ``token_mask``), a folder of ``.npy`` files named after those keys (``W_U.npy``,
+    ``h_LN.npy``, ...; ``path`` the folder or any ``.npy`` in it; pickles refused) and the
+    reference's ``.pt`` payloads (read with ``weights_only=True`` through the ``convert``
+    extra). ``W_U_orig`` wins over ``W_U``, as in the reference.
     """
     path = Path(path)
+    if path.is_dir():
+        return payload_from_mapping(_read_npy_folder(path), source=str(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such payload file")
     suffix = path.suffix.lower()
@@ -83,16 +87,32 @@ def read_payload(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"{path}: not a readable .safetensors payload ({type(exc).__name__}: {exc})") from None
     elif suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(
-                f"{path}: a .npy payload must be a plain array (a dict needs .npz): {type(exc).__name__}"
-            ) from None
-        raise CheckpointError(f"{path}: a .npy file holds one array {arr.shape}; a payload needs W_U and h_LN (use .npz)")
+        return payload_from_mapping(_read_npy_folder(path.parent), source=str(path.parent))
     else:
         raise CheckpointError(f"{path}: unknown payload type {suffix!r} (expected one of {', '.join(PAYLOAD_SUFFIXES)})")
     return payload_from_mapping(raw, source=str(path))
+
+
+_NPY_KEYS = ("W_U_orig", "W_U", "h_LN", "token_mask")
+
+
+def _read_npy_folder(folder: Path) -> dict[str, np.ndarray]:
+    """The payload arrays saved one per ``<key>.npy`` file in ``folder`` (no pickles)."""
+    raw: dict[str, np.ndarray] = {}
+    for key in _NPY_KEYS:
+        file = folder / f"{key}.npy"
+        if not file.is_file():
+            continue
+        try:
+            raw[key] = np.load(file, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{file}: not a plain .npy array ({type(exc).__name__}: {exc})") from None
+    if not raw:
+        raise CheckpointError(
+            f"{folder}: no payload arrays here (a .npy payload is a folder of W_U.npy or W_U_orig.npy, "
+            "h_LN.npy and optionally token_mask.npy)"
+        )
+    return raw
 
 
 def payload_from_mapping(raw: Mapping[str, Any], *, source: str = "payload") -> dict[str, np.ndarray]:
@@ -252,15 +272,8 @@ def choose_row_subset(
 def validate_sampling_mode(mode: str | None) -> str:
     """Return the mode (None/'' -> 'uniform') or raise ConfigError naming it."""
     mode = mode or "uniform"
-    if mode in _FIXED_MODES or _POW.match(mode):
+    if mode in _FIXED_MODES or _POW.match(mode) or _HYBRID.match(mode):
         return mode
-    m = _HYBRID.match(mode)
-    if m:
-        try:
-            float(m.group("f")), float(m.group("u"))
-            return mode
-        except ValueError:
-            pass
     raise ConfigError(
         f"unknown training.row_sampling mode {mode!r} (expected uniform, frequency, frequency_sqrt, "
         "frequency_pow_<p>, hybrid_<F>freq_<U>uniform, top1_sqrt_frequency or top5_sqrt_frequency)"
@@ -379,7 +392,7 @@ def load_prism_dataset(config: Any, seed: int = 0, *, payload: Mapping[str, Any]
     """Build the training dataset from a run config (``RunConfig``, a config mapping or a
     ``data`` block) and the legacy ``seed`` (``data.data_seed`` defaults to it).
 
-    Source: ``payload`` if given, else ``data.path`` when it is a file, else the synthetic
+    Source: ``payload`` if given, else ``data.path`` when it exists, else the synthetic
     fallback (``fallback: synthetic``) or a CheckpointError (``fallback: error``).
     """
     data = _data_block(config)
@@ -390,7 +403,7 @@ def load_prism_dataset(config: Any, seed: int = 0, *, payload: Mapping[str, Any]
         source = "payload"
     else:
         path = resolve_data_path(data.path)
-        if path is not None and path.is_file():
+        if path is not None and (path.is_file() or path.is_dir()):  # a folder: .npy payload
             loaded = read_payload(path)
             source = str(path)
         elif data.fallback == "synthetic":

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import factorizers as F
-from ._arrays import as_float_array, as_index_array, check_last_dim, to_numpy
+from ._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
 from .config import FactorizerConfig
 from .errors import ConfigError, NonFiniteError, ShapeError
 from .readout import ROW_NORM_EPS
@@ -121,18 +121,6 @@ def _dictionary_arrays(model: Any) -> tuple[FactorizerConfig, F.Params, F.Buffer
     return cfg, params, buffers, int(d_model)
 
 
-def _static_k(k: Any) -> int | None:
-    """``k`` as a Python int (a static jit argument) or None; non-integers are refused."""
-    if k is None:
-        return None
-    if isinstance(k, (bool, np.bool_, str)):
-        raise ConfigError(f"k must be an integer or None, got {k!r}")
-    value = np.asarray(to_numpy(k, name="k"))
-    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
-        raise ConfigError(f"k must be an integer or None, got {k!r}")
-    return int(value)
-
-
 def decompose_token_logit(
     h: Any,
     W_row: Any,
@@ -156,7 +144,7 @@ def decompose_token_logit(
     norm_a = as_float_array(row_norm, name="row_norm")
     if norm_a.size != 1:
         raise ShapeError(f"row_norm must be a scalar, got shape {tuple(norm_a.shape)}")
-    terms = _token_terms_jit(cfg, _static_k(k), params, buffers, h_a, w_a, mean_a, norm_a.reshape(()), x_a)
+    terms = _token_terms_jit(cfg, static_k(k), params, buffers, h_a, w_a, mean_a, norm_a.reshape(()), x_a)
     active = np.flatnonzero(np.asarray(terms["code"]) != 0).astype(np.int32)
     return Decomposition(
         original_logit=terms["original"],
@@ -276,7 +264,7 @@ def decompose_rows(
     for name, arr in (("W_rows", w_a), ("rows_normalized", x_a), ("row_norms", norms_a)):
         if arr.shape[0] != B:
             raise ShapeError(f"{name} has {arr.shape[0]} rows but h has {B}")
-    k_static = _static_k(k)
+    k_static = static_k(k)
     m = None
     if sparse:
         if cfg.architecture in ("topk", "matryoshka_topk"):
@@ -632,7 +620,7 @@ def decompose_query(
             raise ShapeError(f"logits have length {lg.shape[0]} but W_U has {W.shape[0]} rows")
         exact_logits = lg[jnp.asarray(ids)]
     t = _query_terms_jit(
-        cfg, _static_k(k), params, buffers, h_a, rows, jnp.asarray(alphas), exact_logits, mean_a,
+        cfg, static_k(k), params, buffers, h_a, rows, jnp.asarray(alphas), exact_logits, mean_a,
         jnp.float32(mean_subtract),
     )
     coeff = np.asarray(t["coeff"])
@@ -766,7 +754,7 @@ def decompose_queries(
             raise ShapeError(f"logits have shape {tuple(lg.shape)}, expected ({batch}, {W.shape[0]})")
         exact_logits = jnp.take_along_axis(lg, ids_j, axis=1)
     t = _batched_query_terms_jit(
-        cfg, _static_k(k), params, buffers, Ha, W, ids_j, jnp.asarray(alphas), exact_logits, mean_a,
+        cfg, static_k(k), params, buffers, Ha, W, ids_j, jnp.asarray(alphas), exact_logits, mean_a,
         jnp.asarray(m),
     )
     exact, approx = t["exact"], t["approx"]
@@ -852,7 +840,7 @@ def margin_from_rows(
         mu = resolve_row_mean(W, ckpt=model)
     else:
         mu = _vector(row_mean, "row_mean", "row_mean must be a vector", d_model)
-    k_static = _static_k(k)
+    k_static = static_k(k)
 
     def side(spec, name):
         ids = np.atleast_1d(as_index_array(spec, name=name))

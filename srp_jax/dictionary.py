@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import factorizers as F
-from ._arrays import as_float_array, check_last_dim, to_numpy
+from ._arrays import as_float_array, check_last_dim, static_k, to_numpy
 from .config import FactorizerConfig
 from .errors import CheckpointError, ConfigError, MissingConfigError, ShapeError
 
@@ -90,12 +90,12 @@ class Dictionary:
         single = arr.ndim == 1
         batch = arr[None] if single else arr
         if self.training and self.architecture == "batch_topk":
-            out = F.forward_jit(self.config, self.params, self.buffers, batch, _static_k(k), train=True)
+            out = F.forward_jit(self.config, self.params, self.buffers, batch, static_k(k), train=True)
             self.buffers = out.buffers
             code = out.code
         else:
             F.check_ready(self.config, self.buffers)
-            code = F.encode_jit(self.config, self.params, self.buffers, batch, _static_k(k))
+            code = F.encode_jit(self.config, self.params, self.buffers, batch, static_k(k))
         return code[0] if single else code
 
     def decode(self, code: Any) -> jax.Array:
@@ -110,7 +110,7 @@ class Dictionary:
         batch = arr[None] if arr.ndim == 1 else arr
         if not self.training:
             F.check_ready(self.config, self.buffers)
-        out = F.forward_jit(self.config, self.params, self.buffers, batch, _static_k(k), train=self.training)
+        out = F.forward_jit(self.config, self.params, self.buffers, batch, static_k(k), train=self.training)
         if self.training:
             self.buffers = out.buffers
         return out
@@ -214,15 +214,6 @@ class Dictionary:
         if self.source_config is not None:
             out["config"] = dict(self.source_config)
         return out
-
-
-def _static_k(k: Any) -> int | None:
-    """k as a hashable static argument (None/0 fall back inside the kernels)."""
-    if k is None:
-        return None
-    if isinstance(k, (jax.Array, np.ndarray)):
-        k = int(np.asarray(k))
-    return int(k)
 
 
 def _warn_if_nonfinite(dictionary: Dictionary, source: Any) -> None:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import factorizers as F
-from ._arrays import as_float_array, check_last_dim, to_numpy
+from ._arrays import as_float_array, check_last_dim
 from .config import EvaluationConfig, resolve_eval_k
 from .errors import ConfigError, ShapeError
 

@@ -97,6 +97,9 @@ def assert_same_tree(a, b, where: str = "") -> None:
         ab = a.reshape(-1).contiguous().view(torch.uint8) if a.numel() else a
         bb = b.reshape(-1).contiguous().view(torch.uint8) if b.numel() else b
         assert torch.equal(ab, bb), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, (where, a.dtype, b.dtype, a.shape, b.shape)
+        assert a.tobytes() == b.tobytes(), where
     elif isinstance(a, float) and np.isnan(a):
         assert np.isnan(b), where
     else:

@@ -24,7 +24,6 @@ from srp_jax.checkpoint import (
     decode_value,
     encode_value,
     is_srp_checkpoint,
-    load_checkpoint,
     load_dictionary,
     save_dictionary,
 )

@@ -69,6 +69,10 @@ def test_val_hidden_and_max_hidden_use_or_defaults():
         ("factorizer.architecture=moe", "moe"),
         ("training.steps=1.5", "training.steps"),
         ("bogus.key=1", "bogus"),
+        ("training.row_sampling=frequency_pow_1.2.3", "frequency_pow_1.2.3"),
+        ("training.row_sampling=hybrid_1.2.3freq_1uniform", "hybrid_1.2.3freq"),
+        ("factorizer.k_values=5", "factorizer.k_values must be a list"),
+        ("factorizer.matryoshka_weights=3", "factorizer.matryoshka_weights must be a list"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, fragment):

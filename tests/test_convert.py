@@ -171,13 +171,30 @@ def test_existing_destination_is_refused_unless_forced(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="already exists"):
         pt_to_orbax(src, out)
+    # even --force never deletes a directory that is not an srp-jax checkpoint
+    with pytest.raises(CheckpointError, match="is not an srp-jax checkpoint"):
+        pt_to_orbax(src, out, force=True)
     assert (out / "keep.txt").read_text() == "mine"
-    pt_to_orbax(src, out, force=True)
-    assert not (out / "keep.txt").exists() and load_dictionary(out).k == 16
+    ck = tmp_path / "ck"
+    pt_to_orbax(FIXTURE_PT / "gated" / "checkpoint.pt", ck)
+    pt_to_orbax(src, ck, force=True)  # an existing srp-jax checkpoint is replaced
+    assert load_dictionary(ck).k == 16 and load_dictionary(ck).architecture == "topk"
     (tmp_path / "x.pt").write_bytes(b"old")
     with pytest.raises(CheckpointError, match="already exists"):
-        orbax_to_pt(out, tmp_path / "x.pt")
+        orbax_to_pt(ck, tmp_path / "x.pt")
     assert (tmp_path / "x.pt").read_bytes() == b"old"
+    orbax_to_pt(ck, tmp_path / "x.pt", force=True)
+    assert "model_state_dict" in _load(tmp_path / "x.pt")
+    # a destination that is, holds or sits inside the source is refused, forced or not
+    run = tmp_path / "run1"
+    run.mkdir()
+    shutil.copy(src, run / "checkpoint.pt")
+    for dst in (run, run / "checkpoint.pt"):
+        with pytest.raises(CheckpointError, match="would overwrite the source"):
+            pt_to_orbax(run / "checkpoint.pt", dst, force=True)
+    with pytest.raises(CheckpointError, match="would overwrite the source"):
+        orbax_to_pt(ck, ck / "srp_checkpoint.json", force=True)
+    assert (run / "checkpoint.pt").read_bytes() == src.read_bytes() and load_dictionary(ck).k == 16
     assert _leftovers(tmp_path) == []
 
 
@@ -200,7 +217,9 @@ def _corrupt(data: bytes, rng: random.Random) -> bytes:
 
 
 def test_200_corrupted_pt_files_fail_cleanly_or_convert_completely(tmp_path):
-    good = save_torch(runner_checkpoint("topk", d=8, D=16, V=12), tmp_path / "good.pt").read_bytes()
+    good_path = save_torch(runner_checkpoint("topk", d=8, D=16, V=12), tmp_path / "good.pt")
+    good = good_path.read_bytes()
+    pristine = pt_to_dictionary(good_path)[0].to_checkpoint_dict()
     rng = random.Random(1234)
     outcomes = {"error": 0, "converted": 0}
     work = tmp_path / "work"
@@ -216,12 +235,32 @@ def test_200_corrupted_pt_files_fail_cleanly_or_convert_completely(tmp_path):
             assert not out.exists()
             outcomes["error"] += 1
         else:
-            load_dictionary(out)  # a completed conversion is a complete, valid checkpoint
+            # a completed conversion is complete and valid, and -- every record being
+            # CRC-checked -- the damage sat in bytes no record covers: the content is intact
+            assert_same_tree(load_dictionary(out).to_checkpoint_dict(), pristine)
             outcomes["converted"] += 1
             shutil.rmtree(out)
         bad.unlink()
     assert _leftovers(work) == [] and list(work.iterdir()) == []
-    assert outcomes["error"] >= 100, outcomes
+    assert outcomes["error"] >= 150, outcomes
+
+
+def test_flipped_tensor_byte_is_caught_by_the_zip_crc(tmp_path):
+    import zipfile
+
+    src = save_torch(runner_checkpoint("topk", d=8, D=16, V=12), tmp_path / "good.pt")
+    with zipfile.ZipFile(src) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 16)
+        name_len = len(info.filename.encode())
+    data = bytearray(src.read_bytes())
+    header = info.header_offset
+    extra_len = int.from_bytes(data[header + 28: header + 30], "little")
+    data[header + 30 + name_len + extra_len + 5] ^= 0x10  # a byte inside the stored tensor
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"fails its CRC-32 check") as exc:
+        pt_to_orbax(bad, tmp_path / "out")
+    assert str(bad) in str(exc.value) and not (tmp_path / "out").exists()
 
 
 def _cli(*args, env=None):

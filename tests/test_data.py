@@ -115,7 +115,8 @@ def test_row_sampling_weights_every_mode():
         assert got.sum() == pytest.approx(1.0)
         np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=mode)
     np.testing.assert_allclose(row_sampling_weights(ds, None), np.full(5, 0.2))
-    for bad in ("zipf", "hybrid_50freq", "frequency_pow_x"):
+    np.testing.assert_allclose(row_sampling_weights(ds, "hybrid_.5freq_.5uniform"), expect["hybrid_50freq_50uniform"])
+    for bad in ("zipf", "hybrid_50freq", "frequency_pow_x", "frequency_pow_1.2.3", "hybrid_5.0.1freq_1uniform"):
         with pytest.raises(ConfigError, match="row_sampling"):
             row_sampling_weights(ds, bad)
 
@@ -153,9 +154,25 @@ def test_read_payload_formats(tmp_path):
         read_payload(tmp_path / "dim.npz")
     with pytest.raises(CheckpointError):
         read_payload(tmp_path / "missing.npz")
-    np.save(tmp_path / "one.npy", W)
-    with pytest.raises(CheckpointError, match=".npz"):
-        read_payload(tmp_path / "one.npy")
+    # .npy: a folder of one array per key (the folder or any .npy in it); pickles refused
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "W_U_orig.npy", W)
+    np.save(folder / "h_LN.npy", h)
+    np.save(folder / "token_mask.npy", mask)
+    for where in (folder, folder / "h_LN.npy"):
+        p = read_payload(where)
+        assert np.array_equal(p["W_U"], W) and np.array_equal(p["h_LN"], h) and np.array_equal(p["token_mask"], mask)
+    (folder / "h_LN.npy").unlink()
+    with pytest.raises(MissingKeyError, match="h_LN"):
+        read_payload(folder)
+    np.save(folder / "h_LN.npy", np.array([{"W_U": W}], dtype=object), allow_pickle=True)
+    with pytest.raises(CheckpointError, match=r"h_LN\.npy: not a plain \.npy array"):
+        read_payload(folder / "W_U_orig.npy")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no payload arrays"):
+        read_payload(empty)
 
 
 def test_load_prism_dataset_from_payload(tmp_path):

@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import factorizers as F
+from .._atomic import write_text_atomic
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError
 from .step import StepSpec, TrainData, make_optimizer, train_step_jit
@@ -55,21 +55,6 @@ class TrainingInterrupted(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Small host-side helpers
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -354,7 +339,6 @@ def train(
     retrained: its metrics are returned. Raises :class:`TrainingInterrupted` on SIGTERM/SIGINT
     (after saving the state).
     """
-    from .. import __version__  # noqa: F401 - fail early on a broken install
     from ..checkpoint import save_dictionary
     from ..data import load_prism_dataset
     from ..dictionary import Dictionary
@@ -368,16 +352,18 @@ def train(
     else:
         cfg = load_run_config(config, overrides, out_dir=None if out_dir is None else str(out_dir), data_path=data_path)
     out = Path(cfg.run.output_dir)
-    cached = _finite_done(out)
-    if cached is not None:
-        log(f"[skip] {out}: already finished (DONE and finite metrics.json); delete DONE to retrain")
-        return cached
-    out.mkdir(parents=True, exist_ok=True)
     want_pt = cfg.artifacts.export_pt if export_pt is None else bool(export_pt)
     if want_pt:
         from .._lazy import require_torch
 
         require_torch("artifacts.export_pt / --export-pt")
+    cached = _finite_done(out)
+    if cached is not None:
+        log(f"[skip] {out}: already finished (DONE and finite metrics.json); delete DONE to retrain")
+        if want_pt and not (out / "checkpoint.pt").exists():
+            _export_finished_run(out, log)
+        return cached
+    out.mkdir(parents=True, exist_ok=True)
 
     dataset = load_prism_dataset(cfg, cfg.run.seed)
     result = run_training(cfg, dataset, out, progress=progress, log=log)
@@ -396,8 +382,7 @@ def train(
         row_token_ids=np.asarray(dataset.row_token_ids, np.int64),
         evaluation=dict(raw.get("evaluation") or {}),
         factorizer_block=dict(raw.get("factorizer") or {}),
-        source_config=raw,
-    )
+    )  # no source_config: the merged config is config.yaml; checkpoint.pt keeps the runner key set
     thresholds = {
         "max_dead_feature_rate": cfg.score_thresholds.max_dead_feature_rate,
         "max_val_logit_kl_bits_mean": cfg.score_thresholds.max_val_logit_kl_bits_mean,
@@ -457,9 +442,9 @@ def train(
     if cfg.artifacts.save_checkpoint:
         save_dictionary(dictionary, out / CHECKPOINT_DIR, force=True)
     if want_pt:
-        from .._lazy import write_pt
+        from .._lazy import dictionary_to_pt
 
-        write_pt(dictionary.to_checkpoint_dict(), out / "checkpoint.pt")
+        dictionary_to_pt(dictionary, out / "checkpoint.pt", force=True)
     write_text_atomic(out / "DONE", "done\n")
     log(
         "[result] "
@@ -470,6 +455,20 @@ def train(
         )  # fmt: skip
     )
     return metrics
+
+
+def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:
+    """``--export-pt`` on a finished run: write ``checkpoint.pt`` from its saved dictionary."""
+    from .._lazy import dictionary_to_pt
+    from ..checkpoint import load_dictionary
+
+    if not (out / CHECKPOINT_DIR).is_dir():
+        raise CheckpointError(
+            f"{out}: finished without a {CHECKPOINT_DIR}/ (artifacts.save_checkpoint was false), so there is "
+            "nothing to export; delete DONE to retrain"
+        )
+    dictionary_to_pt(load_dictionary(out / CHECKPOINT_DIR), out / "checkpoint.pt")
+    log(f"[export] wrote {out / 'checkpoint.pt'} from {out / CHECKPOINT_DIR}")
 
 
 def _fmt(value: Any) -> str:
