@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -265,12 +265,22 @@ def pt_to_dictionary(src: str | os.PathLike, *, dtype: str | None = "float32") -
 
 
 def pt_to_orbax(
-    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, dtype: str | None = "float32"
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    force: bool = False,
+    dtype: str | None = "float32",
+    check: Callable[[Dictionary], None] | None = None,
 ) -> Path:
-    """Convert ``checkpoint.pt`` to an srp-jax checkpoint directory ``dst`` (atomic)."""
+    """Convert ``checkpoint.pt`` to an srp-jax checkpoint directory ``dst`` (atomic).
+
+    ``check(dictionary)`` runs after reading and before writing (e.g. the registry check of
+    a Hub download); whatever it raises leaves no output."""
     dst = Path(dst)
     check_destination(dst, force=force, sources=(src,), replaceable=is_srp_checkpoint, what="an srp-jax checkpoint")
     dictionary, layout = pt_to_dictionary(src, dtype=dtype)
+    if check is not None:
+        check(dictionary)
     return save_dictionary(dictionary, dst, force=force, layout=layout)
 
 

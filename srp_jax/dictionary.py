@@ -149,7 +149,10 @@ class Dictionary:
                 )
             if not isinstance(block, Mapping):
                 raise CheckpointError(f"{source}: factorizer config must be a dict, got {type(block).__name__}")
-            cfg = FactorizerConfig.from_dict(block, strict=False)
+            try:
+                cfg = FactorizerConfig.from_dict(block, strict=False)
+            except ConfigError as exc:
+                raise type(exc)(f"{source}: factorizer config: {exc}") from None
         state = ckpt.get("model_state_dict") or ckpt.get("state_dict") or ckpt
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{source}: the state dict is a {type(state).__name__}, not a dict")
@@ -310,8 +313,11 @@ def _load_from_location(location, *, d_model, factorizer_config) -> Dictionary:
     if text.startswith("hub:"):
         from . import hub
 
-        location = hub.fetch_checkpoint(text[len("hub:"):])
-        text = os.fspath(location)
+        entry = hub.find_entry(text)
+        source = hub.fetch_checkpoint(entry.path)
+        dictionary = _load_from_location(source, d_model=d_model, factorizer_config=factorizer_config)
+        hub.verify_entry(dictionary, entry, source=source)
+        return dictionary
     path = Path(text)
     if path.is_dir():
         from . import checkpoint as orbax_checkpoint

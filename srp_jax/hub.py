@@ -12,11 +12,14 @@ says which file to download and where to put it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import importlib.resources
+import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -140,6 +143,28 @@ def find_entry(spec: str) -> RegistryEntry:
     raise HubError(f"unknown Hub dictionary {spec!r}{hint} (srp-jax hub list shows all {len(paths)})")
 
 
+def verify_entry(dictionary: Any, entry: RegistryEntry, *, source: str | os.PathLike = "") -> None:
+    """Check a fetched dictionary against its registry entry (architecture, d_model,
+    d_features, k): a file that disagrees is another dictionary (a wrong repo, revision or
+    cache file), reported as a CheckpointError naming every mismatch."""
+    from .errors import CheckpointError
+
+    got = {
+        "architecture": dictionary.architecture,
+        "d_model": int(dictionary.d_model),
+        "d_features": int(dictionary.d_features),
+        "k": int(dictionary.k),
+    }
+    wanted = {"architecture": entry.architecture, "d_model": entry.d_model, "d_features": entry.d_features, "k": entry.k}
+    wrong = [f"{key} {got[key]} (registry: {wanted[key]})" for key in wanted if got[key] != wanted[key]]
+    if wrong:
+        where = os.fspath(source) or entry.hub_file
+        raise CheckpointError(
+            f"{where}: not the published {entry.path}: {', '.join(wrong)}; check the repo id / revision, "
+            "or pass --no-verify (verify=False) for a repo with other dictionaries at these paths"
+        )
+
+
 def resolve_repo_id(repo_id: str | None = None) -> str:
     """``repo_id``, else ``$SRP_JAX_HUB_REPO``, else the default (the model card's id)."""
     return repo_id or os.environ.get(REPO_ENV) or DEFAULT_REPO_ID
@@ -159,6 +184,45 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def endpoint_unreachable() -> str | None:
+    """A reason when the Hub endpoint's host name does not even resolve (and no proxy is
+    set, which would resolve it for us): then downloads cannot work, and trying would only
+    spend huggingface_hub's retry back-off (about 25 s) before failing. None otherwise."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    parsed = urlparse(constants.ENDPOINT)
+    host = parsed.hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, parsed.port or (443 if parsed.scheme == "https" else 80))
+    except OSError as exc:
+        return f"{host} does not resolve ({exc.strerror or exc})"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs():
+    """huggingface_hub logs each retry as a warning; our error message says what matters."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def cached_file_location(entry: RegistryEntry, repo_id: str, cache_dir: Path, revision: str | None) -> str:
@@ -195,21 +259,28 @@ def fetch_checkpoint(
         raise DependencyError(f"Hub downloads need huggingface_hub: pip install huggingface_hub ({exc})") from None
 
     def _download(local_only: bool) -> Path:
-        return Path(
-            hf_hub_download(
-                repo_id=repo,
-                filename=entry.hub_file,
-                revision=revision,
-                cache_dir=str(cache),
-                local_files_only=local_only,
+        with _quiet_hub_logs():
+            return Path(
+                hf_hub_download(
+                    repo_id=repo,
+                    filename=entry.hub_file,
+                    revision=revision,
+                    cache_dir=str(cache),
+                    local_files_only=local_only,
+                )
             )
-        )
 
     url = f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/{entry.hub_file}"
     manual = (
         f"download {url} and put it at {cached_file_location(entry, repo, cache, revision)}, "
         f"or convert the downloaded file directly: srp-jax convert checkpoint.pt OUT_DIR"
     )
+    unreachable = None if offline else endpoint_unreachable()
+    if unreachable:
+        try:
+            return _download(True)
+        except Exception:  # noqa: BLE001 - no cached copy: say so at once
+            raise HubError(f"{repo}/{entry.hub_file}: no network ({unreachable}) and no cached copy; {manual}") from None
     try:
         return _download(offline)
     except (hf_errors.GatedRepoError, hf_errors.RepositoryNotFoundError) as exc:
@@ -233,6 +304,32 @@ def fetch_checkpoint(
         raise HubError(f"{repo}/{entry.hub_file}: {why}; {manual}") from None
 
 
+def fetch_to_checkpoint(
+    spec: str,
+    out: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    dtype: str = "float32",
+    verify: bool = True,
+) -> tuple[Path, Path]:
+    """Fetch a published dictionary and write it as an srp-jax checkpoint at ``out``.
+
+    The download is checked against the registry (``verify``) before anything is written.
+    Returns ``(out, downloaded .pt path)``. Needs the ``convert`` extra (torch)."""
+    from ._lazy import require_torch
+
+    entry = find_entry(spec)
+    require_torch(f"converting hub:{entry.path}")
+    src = fetch_checkpoint(entry.path, repo_id=repo_id, revision=revision, cache_dir=cache_dir)
+    from convert.checkpoints import pt_to_orbax
+
+    check = (lambda d: verify_entry(d, entry, source=src)) if verify else None
+    return pt_to_orbax(src, out, force=force, dtype=dtype, check=check), src
+
+
 __all__ = [
     "DEFAULT_REPO_ID",
     "ALTERNATE_REPO_ID",
@@ -243,6 +340,8 @@ __all__ = [
     "find_entry",
     "resolve_repo_id",
     "fetch_checkpoint",
+    "verify_entry",
+    "fetch_to_checkpoint",
     "canonical_metrics",
     "metric",
 ]

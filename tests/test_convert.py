@@ -20,7 +20,7 @@ from _interop_helpers import ARCHS, FIXTURE_PT, assert_same_tree, runner_checkpo
 from convert.checkpoints import orbax_to_pt, pt_to_dictionary, pt_to_orbax  # noqa: E402
 from srp_jax.checkpoint import load_dictionary  # noqa: E402
 from srp_jax.dictionary import load_factorizer  # noqa: E402
-from srp_jax.errors import CheckpointError, MissingKeyError, ShapeError, SrpError, UnexpectedKeyError  # noqa: E402
+from srp_jax.errors import CheckpointError, ConfigError, MissingKeyError, ShapeError, SrpError, UnexpectedKeyError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,6 +156,10 @@ def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path):
     cases.append((save_torch(ckpt, tmp_path / "rows.pt"), ShapeError, "row_norms"))
     save_torch([1, 2, 3], tmp_path / "list.pt")
     cases.append((tmp_path / "list.pt", CheckpointError, "dict"))
+    for field, value in (("architecture", "foo"), ("k", "sixteen")):
+        ckpt = runner_checkpoint("topk")
+        ckpt["factorizer"] = {**ckpt["factorizer"], field: value}
+        cases.append((save_torch(ckpt, tmp_path / f"cfg_{field}.pt"), ConfigError, rf"cfg_{field}\.pt: factorizer config: .*{value}"))
     for path, exc, needle in cases:
         with pytest.raises(exc, match=needle) as info:
             pt_to_orbax(path, out)

@@ -75,6 +75,19 @@ def make_cache(root: Path, repo: str = "matteohe/sparse-readout-prism", spec: st
     return target
 
 
+def registry_agreeing_with_fixture(monkeypatch, spec: str = "qwen3.5-0.8b/k128_16x") -> None:
+    """Make the registry entry describe the small reference fixture (topk, d 64, D 256, k 16)
+    that the test Hub cache holds in place of the real (GB-sized) dictionary."""
+    import dataclasses
+
+    real = hub.registry()
+    patched = tuple(
+        dataclasses.replace(e, architecture="topk", d_model=64, d_features=256, k=16) if e.path == spec else e
+        for e in real
+    )
+    monkeypatch.setattr(hub, "registry", lambda: patched)
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     cache = tmp_path / "hf-cache"
@@ -99,24 +112,26 @@ def test_fetch_without_a_cached_copy_says_what_to_download(offline):
     assert "https://huggingface.co/matteohe/sparse-readout-prism/resolve/main/" in msg and "\n" not in msg
 
 
-def test_load_factorizer_hub_spec(offline):
+def test_load_factorizer_hub_spec(offline, monkeypatch):
     pytest.importorskip("torch")
     from srp_jax.dictionary import load_factorizer
+    from srp_jax.errors import CheckpointError
 
+    make_cache(offline)
+    # the cached file is not the published 0.8b dictionary: the registry check names the fields
+    with pytest.raises(CheckpointError, match=r"not the published qwen3.5-0.8b/k128_16x: d_model 64 \(registry: 1024\)"):
+        load_factorizer("hub:qwen3.5-0.8b/k128_16x")
+    registry_agreeing_with_fixture(monkeypatch)
     make_cache(offline, repo="hematteo/sparse-readout-prism")
+    monkeypatch.setenv(hub.REPO_ENV, "matteohe/none")
     with pytest.raises(HubError):
-        load_factorizer("hub:qwen3.5-0.8b/k128_16x")  # default repo has no cached copy
-    import os
-
-    os.environ[hub.REPO_ENV] = "hematteo/sparse-readout-prism"
-    try:
-        d = load_factorizer("hub:qwen3.5-0.8b/k128_16x")
-    finally:
-        del os.environ[hub.REPO_ENV]
+        load_factorizer("hub:qwen3.5-0.8b/k128_16x")  # that repo has no cached copy
+    monkeypatch.setenv(hub.REPO_ENV, "hematteo/sparse-readout-prism")
+    d = load_factorizer("hub:qwen3.5-0.8b/k128_16x")
     assert d.architecture == "topk" and d.k == 16 and d.d_model == 64
 
 
-def test_cli_hub_list_and_fetch(offline, tmp_path, capsys):
+def test_cli_hub_list_and_fetch(offline, tmp_path, capsys, monkeypatch):
     from srp_jax.checkpoint import load_dictionary
     from srp_jax.cli.main import main
 
@@ -130,6 +145,16 @@ def test_cli_hub_list_and_fetch(offline, tmp_path, capsys):
     pytest.importorskip("torch")
     make_cache(offline)
     out_dir = tmp_path / "dict"
+    # a cached file that disagrees with the registry is refused, nothing written; --no-verify accepts it
+    for argv in (["hub", "fetch", "qwen3.5-0.8b/k128_16x", "--out", str(out_dir)],
+                 ["convert", "hub:qwen3.5-0.8b/k128_16x", str(out_dir)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "not the published qwen3.5-0.8b/k128_16x" in err and "d_features 256 (registry: 16384)" in err
+        assert len(err.strip().splitlines()) == 1 and not out_dir.exists()
+    assert main(["hub", "fetch", "qwen3.5-0.8b/k128_16x", "--out", str(tmp_path / "nv"), "--no-verify"]) == 0
+    assert load_dictionary(tmp_path / "nv").d_model == 64
+    registry_agreeing_with_fixture(monkeypatch)
     assert main(["hub", "fetch", "qwen3.5-0.8b/k128_16x", "--out", str(out_dir)]) == 0
     assert load_dictionary(out_dir).k == 16
     capsys.readouterr()
@@ -140,3 +165,27 @@ def test_cli_hub_list_and_fetch(offline, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "checkpoint.pt" in err and not (tmp_path / "x").exists()
     assert main(["convert", "hub:qwen3.5-0.8b/k128_16x", str(tmp_path / "conv")]) == 0
     assert load_dictionary(tmp_path / "conv").d_features == 256
+
+
+def test_unresolvable_endpoint_fails_fast_without_retries(monkeypatch, tmp_path):
+    """No network (the endpoint's host does not resolve, no proxy): the cache is used, or a
+    one-line error comes at once instead of huggingface_hub's ~25 s of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    for name in hub._PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv(hub.REPO_ENV, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://srp-jax-test.invalid")
+    assert "srp-jax-test.invalid does not resolve" in hub.endpoint_unreachable()
+    cache = tmp_path / "cache"
+    start = time.monotonic()
+    with pytest.raises(HubError, match=r"no network \(srp-jax-test\.invalid does not resolve") as info:
+        hub.fetch_checkpoint("qwen3.5-2b/k256_32x", cache_dir=cache)
+    assert time.monotonic() - start < 10 and "\n" not in str(info.value) and str(cache) in str(info.value)
+    target = make_cache(cache)
+    assert hub.fetch_checkpoint("qwen3.5-0.8b/k128_16x", cache_dir=cache).resolve() == target.resolve()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # a proxy resolves names for us
+    assert hub.endpoint_unreachable() is None

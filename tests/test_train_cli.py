@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,29 @@ from srp_jax.cli.main import main
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_run_end_to_end(tmp_path, capsys):
-    out = tmp_path / "smoke"
-    assert main(["train", "--config", "smoke", "--out-dir", str(out), "--export-pt"]) == 0
+def test_smoke_run_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("smoke")  # relative, as users type it (Orbax itself wants absolute paths)
+    assert main(["train", "--config", "smoke", "--out-dir", str(out), "--export-pt",
+                 "--set", "artifacts.report_path=reports/smoke.md"]) == 0
+    report = Path("reports/smoke.md").read_text()
+    assert report.startswith("# smoke") and "| row_centered_ev |" in report and "architecture: matryoshka_topk" in report
     for name in ("checkpoint", "train_state", "checkpoint.pt", "config.yaml", "metrics.json", "history.json",
                  "compute_meta.json", "feature_labels.json", "DONE"):
         assert (out / name).exists(), name
+    # files get ordinary umask permissions (temp files are private until renamed into place)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("metrics.json", "config.yaml", "checkpoint.pt", "DONE"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert (out / "checkpoint").stat().st_mode & 0o777 == 0o777 & ~mask
+    # checkpoint.pt is the reference runner schema, exactly
+    import torch
+
+    exported = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert list(exported) == ["model_state_dict", "factorizer", "evaluation", "row_mean", "row_norms",
+                              "row_token_ids", "metrics"]
+    assert type(exported["model_state_dict"]).__name__ == "OrderedDict"
     m = json.loads((out / "metrics.json").read_text())
     # acceptance (the reference gets 0.64 / 0.26 on its own synthetic draw)
     assert m["row_centered_ev"] >= 0.58 and m["val_top1_match"] >= 0.15
@@ -55,6 +73,30 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert main(["train", "--config", "smoke", "--out-dir", str(out)]) == 0
     assert "[skip]" in capsys.readouterr().err
 
+    # the README's first command, `srp-jax demo`, on this finished run: metrics, one
+    # decomposition with its identity, one gated margin
+    assert main(["demo", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"rowEV                  {m['row_centered_ev']:.4f}" in printed
+    line = next(ln for ln in printed.splitlines() if "= base" in ln)
+    exact, base, feats, resid = (float(line.split(tok)[0].split()[-1]) for tok in (" = base", " + features", " + residual", "   (identity"))
+    assert abs(exact - (base + feats + resid)) <= 2e-4  # 4-decimal printing
+    assert "active features; largest |contribution|" in printed and "margin token" in printed
+    assert ("-> explained" in printed) or ("-> withheld" in printed)
+
+    # a finished run asked for --export-pt again writes the .pt from its checkpoint/
+    (out / "checkpoint.pt").unlink()
+    assert main(["train", "--config", "smoke", "--out-dir", str(out), "--export-pt"]) == 0
+    assert "[export]" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(load_factorizer(out / "checkpoint.pt").params["decoder"]),
+                                  np.asarray(d_dir.params["decoder"]))
+
+    # relative paths through convert, both directions
+    assert main(["convert", "smoke", "back.pt"]) == 0
+    assert main(["convert", "back.pt", "again"]) == 0
+    np.testing.assert_array_equal(np.asarray(load_factorizer("again").params["decoder"]), np.asarray(d_dir.params["decoder"]))
+    capsys.readouterr()
+
     # the README's quickstart block runs verbatim against this run directory
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("## Decompose a logit", 1)[1]
@@ -78,3 +120,21 @@ def test_cli_print_config_and_errors(capsys):
     assert "stepz" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--config", "paper/qwen3.5-2b/k256_32x", "--out-dir", "/tmp/srp-never"]) == 2
     assert "fallback" in capsys.readouterr().err
+
+
+def test_run_report_failure_notes():
+    from srp_jax.train.loop import run_report
+
+    healthy = run_report("r", {"dead_feature_rate": 0.1, "top1_logit_residual_frac_mean": 0.3, "val_top1_match": 0.9,
+                               "finite_metrics": True}, {"training": {"steps": 3}})
+    assert "## Failure notes\n\nnone\n" in healthy and "| val_top1_match | 0.9 |" in healthy
+    assert "```yaml\ntraining:\n  steps: 3\n```" in healthy
+    failing = run_report("r", {"dead_feature_rate": 0.85, "top1_logit_residual_frac_mean": 1.5, "val_top1_match": 0.2,
+                               "finite_metrics": True}, {})
+    notes = failing.split("## Failure notes", 1)[1].split("## Config", 1)[0]
+    assert notes.count("\n- ") == 3 and "dead_feature_rate = 0.85" in notes and "val_top1_match = 0.2" in notes
+    edge = run_report("r", {"dead_feature_rate": 0.8, "top1_logit_residual_frac_mean": 1.0, "val_top1_match": 0.25,
+                            "finite_metrics": False, "row_centered_ev": float("nan")}, {})
+    notes = edge.split("## Failure notes", 1)[1].split("## Config", 1)[0]
+    assert notes.count("\n- ") == 1 and "not finite" in notes  # the thresholds are strict
+

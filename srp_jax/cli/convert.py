@@ -34,7 +34,8 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint.pt, hub:<model>/<op>, or an srp-jax checkpoint directory")
     parser.add_argument("dst", metavar="DST", help="output: a directory (from .pt / hub) or a .pt file (from a directory)")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DST if it exists (only an srp-jax checkpoint or a file; never the source)")
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", default=None, help="Hub repo for hub: sources (default $SRP_JAX_HUB_REPO or matteohe/sparse-readout-prism)")
     parser.add_argument("--revision", default=None, help="Hub revision for hub: sources")
     parser.add_argument("--cache-dir", default=None, help="Hub cache directory for hub: sources")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="hub: sources: skip the check of architecture, d_model, d_features and k against the registry")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if (dst.exists() or dst.is_symlink()) and not args.force:
         raise CheckpointError(f"{dst}: already exists (pass --force to replace it)")
     if src_text.startswith("hub:"):
-        from ..hub import fetch_checkpoint
+        from ..hub import fetch_to_checkpoint
 
-        require_torch(f"converting {src_text}")
-        src = fetch_checkpoint(src_text, repo_id=args.repo_id, revision=args.revision, cache_dir=args.cache_dir)
-        return _pt_to_dir(src, dst, args)
+        out, src = fetch_to_checkpoint(
+            src_text, dst, repo_id=args.repo_id, revision=args.revision, cache_dir=args.cache_dir,
+            force=args.force, dtype=args.dtype or "float32", verify=not args.no_verify,
+        )
+        print(f"wrote {out} (from {src})")
+        return 0
     src = Path(src_text)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--repo-id", default=None, help="Hub repo id (default $SRP_JAX_HUB_REPO or matteohe/sparse-readout-prism)")
     sp.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     sp.add_argument("--cache-dir", default=None, help="Hub cache directory (default: huggingface_hub's)")
-    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists (an srp-jax checkpoint only)")
+    sp.add_argument("--no-verify", action="store_true",
+                    help="skip the check of architecture, d_model, d_features and k against the registry")
     sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="storage dtype of the parameters (default float32)")
 
@@ -69,17 +71,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nrepo: {hub.resolve_repo_id()} (also {hub.ALTERNATE_REPO_ID}); file: <path>/checkpoint.pt")
         return 0
     if action == "fetch":
-        entry = hub.find_entry(args.spec)
+        hub.find_entry(args.spec)  # an unknown name fails before anything else
         out = Path(args.out)
         if (out.exists() or out.is_symlink()) and not args.force:
             raise CheckpointError(f"{out}: already exists (pass --force to replace it)")
-        from .._lazy import require_torch
-
-        require_torch(f"converting hub:{entry.path}")
-        src = hub.fetch_checkpoint(entry.path, repo_id=args.repo_id, revision=args.revision, cache_dir=args.cache_dir)
-        from convert.checkpoints import pt_to_orbax
-
-        pt_to_orbax(src, out, force=args.force, dtype=args.dtype)
+        out, src = hub.fetch_to_checkpoint(
+            args.spec, out, repo_id=args.repo_id, revision=args.revision, cache_dir=args.cache_dir,
+            force=args.force, dtype=args.dtype, verify=not args.no_verify,
+        )
         print(f"wrote {out} (from {src})")
         return 0
     print("usage: srp-jax hub {list,fetch} ... (see srp-jax hub --help)")

@@ -445,6 +445,10 @@ def train(
         from .._lazy import dictionary_to_pt
 
         dictionary_to_pt(dictionary, out / "checkpoint.pt", force=True)
+    if cfg.artifacts.report_path:
+        report = resolve_report_path(cfg.artifacts.report_path)
+        write_text_atomic(report, run_report(cfg.run.name, metrics, raw))
+        log(f"[report] {report}")
     write_text_atomic(out / "DONE", "done\n")
     log(
         "[result] "
@@ -469,6 +473,38 @@ def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:
         )
     dictionary_to_pt(load_dictionary(out / CHECKPOINT_DIR), out / "checkpoint.pt")
     log(f"[export] wrote {out / 'checkpoint.pt'} from {out / CHECKPOINT_DIR}")
+
+
+FAILURE_NOTES = (
+    ("dead_feature_rate", lambda v: v > 0.8, "more than 80% of features are dead"),
+    ("top1_logit_residual_frac_mean", lambda v: v > 1.0, "the residual is larger than the top-1 logit on average"),
+    ("val_top1_match", lambda v: v < 0.25, "top-1 agreement is below 0.25"),
+)
+
+
+def resolve_report_path(path: str) -> Path:
+    """``artifacts.report_path`` with ``${VAR}`` / ``~`` expanded (relative to the working directory)."""
+    return Path(os.path.expanduser(os.path.expandvars(path)))
+
+
+def run_report(name: str, metrics: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """The optional markdown run report: a metrics table, failure notes and the merged config."""
+    import yaml
+
+    lines = [f"# {name}", "", "| metric | value |", "|---|---|"]
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            lines.append(f"| {key} | {_fmt(value)} |")
+    notes = []
+    for key, failed, text in FAILURE_NOTES:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isnan(value) or failed(value)):
+            notes.append(f"- {key} = {_fmt(value)}: {text}")
+    if metrics.get("finite_metrics") is False:
+        notes.append("- some metrics are not finite (NaN/Inf): the run diverged")
+    lines += ["", "## Failure notes", "", *(notes or ["none"])]
+    lines += ["", "## Config", "", "```yaml", yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
