@@ -272,6 +272,8 @@ def decompose_rows(
         elif max_active is None:
             raise ConfigError(f"sparse decomposition of a {cfg.architecture} dictionary needs max_active=")
         if max_active is not None:
+            if isinstance(max_active, bool) or not isinstance(max_active, (int, np.integer)) or max_active < 1:
+                raise ConfigError(f"max_active must be a positive integer, got {max_active!r}")
             m = min(int(max_active), cfg.d_features)
     t = _batched_terms(cfg, k_static, m, params, buffers, h_a, w_a, mean_a, norms_a, x_a)
     if m is None:
@@ -874,6 +876,8 @@ def coverage_stats(feat_margin: Any, sparse_margin: float, eps: float = 1e-6) ->
     positive and negative contributions over the full vector (zeros included).
     """
     f = np.asarray(to_numpy(feat_margin, name="feat_margin"), dtype=np.float64)
+    if f.ndim != 1 or f.size == 0:
+        raise ShapeError(f"feat_margin must be a non-empty vector (D,), got shape {f.shape}")
     absf = np.abs(f)
     order = np.argsort(-absf, kind="stable")
     total = float(absf.sum())

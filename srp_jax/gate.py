@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 
 REASONS = ("ok", "sign_flip", "residual_share", "tiny_margin")
 
@@ -70,6 +70,10 @@ def gate_rule(preset: str | GateRule = "accepted", **overrides: Any) -> GateRule
         rule = PRESETS[preset]
     else:
         raise ConfigError(f"unknown gate preset {preset!r} (expected one of: {', '.join(PRESETS)})")
+    known = {f.name for f in dataclasses.fields(GateRule)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown gate rule field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return dataclasses.replace(rule, **overrides) if overrides else rule
 
 
@@ -107,6 +111,8 @@ def fidelity_gate(
     rule = gate_rule(preset, **overrides)
     s = jnp.asarray(s_exact, jnp.float32)
     r = jnp.asarray(s_recon, jnp.float32)
+    if s.shape != r.shape:
+        raise ShapeError(f"s_exact has shape {s.shape} but s_recon has {r.shape}")
     err = jnp.abs(s - r)
     mag = jnp.abs(s)
     if rule.rho_form == "unfloored":
@@ -119,6 +125,8 @@ def fidelity_gate(
         if feature_sum is None:
             raise ConfigError("this gate rule compares signs against feature_sum: pass feature_sum=")
         other = jnp.asarray(feature_sum, jnp.float32)
+        if other.shape != s.shape:
+            raise ShapeError(f"s_exact has shape {s.shape} but feature_sum has {other.shape}")
     else:
         other = r
     if rule.sign_mode == "gt0":

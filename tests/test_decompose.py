@@ -343,6 +343,13 @@ def test_decompose_input_errors():
         Dm.decompose_rows(H, W[:3], mu, norms[:3], x[:3], sae)
     with pytest.raises(ShapeError, match="not among this readout's rows"):
         Dm.decompose_tokens(H[:1], [3], Readout.from_weights(W, row_token_ids=[0, 2, 5]), sae)
+    for bad in (-3, 0, 2.5, True):
+        with pytest.raises(ConfigError, match="max_active must be a positive integer"):
+            Dm.decompose_rows(H, W[:7], mu, norms[:7], x[:7], sae, sparse=True, max_active=bad)
+    with pytest.raises(ShapeError, match=r"feat_margin must be a non-empty vector"):
+        Dm.coverage_stats(np.ones((2, 3)), 1.0)
+    with pytest.raises(ConfigError, match="checkpoint must be a path"):
+        srp_jax.load_factorizer(42)
     assert isinstance(ShapeError("x"), ValueError)  # reference-style except clauses keep working
 
 
@@ -508,3 +515,23 @@ def test_support_and_decomposition_matmuls_request_highest_precision(arch):
         precisions = _dot_precisions(jp.jaxpr)
         assert precisions, "no matmul found"
         assert all(p is not None and all(q == highest for q in p) for p in precisions), precisions
+
+
+def test_load_factorizer_device_accepts_torch_spellings():
+    torch = pytest.importorskip("torch")
+    from srp_jax.dictionary import resolve_device
+
+    cpu = jax.devices("cpu")[0]
+    for spec in ("cpu", "CPU", "cpu:0", torch.device("cpu"), torch.device("cpu", 0), cpu):
+        assert resolve_device(spec) == cpu, spec
+    ckpt = random_dictionary("topk").to_checkpoint_dict()
+    d = srp_jax.load_factorizer(ckpt, device="cpu:0")
+    assert d.params["decoder"].devices() == {cpu}
+    for bad, needle in (("cpu:7", "out of range"), ("npu", "unknown platform"), ("cpu:x", "bad device index"),
+                        (3, "must be a jax.Device")):
+        with pytest.raises(ConfigError, match=needle):
+            srp_jax.load_factorizer(ckpt, device=bad)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ConfigError, match="no gpu backend"):
+            resolve_device("cuda:0")
+

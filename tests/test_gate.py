@@ -75,21 +75,27 @@ def test_gate_is_elementwise_jittable_and_vmappable():
 def test_explain_explained_and_withheld():
     sae = random_dictionary("topk", seed=5)
     W, H = random_readout_inputs(seed=6)
-    # the identity dictionary-free check: a huge max_rho always explains, a tiny one withholds
-    ok = explain(H[0], sae, W_U=W, query_kind="pairwise_margin", target_a=1, target_b=2, max_rho=1e9)
-    if ok.scores["sign_match"]:
-        assert ok.explained and ok.reason == "ok" and ok.features is not None
-        mags = [f["abs_contribution"] for f in ok.features]
-        assert mags == sorted(mags, reverse=True)
-        assert sum(f["contribution"] for f in ok.features) == pytest.approx(ok.scores["feature_sum"], abs=1e-4)
-    else:
-        assert ok.withheld and ok.reason == "sign_flip"
+    # with a huge max_rho only the sign decides: these pairs give both verdicts (4 kept, 2 flipped)
+    seen = {"ok": 0, "sign_flip": 0}
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12)]:
+        ok = explain(H[0], sae, W_U=W, query_kind="pairwise_margin", target_a=a, target_b=b, max_rho=1e9)
+        exact, approx = float((W[a] - W[b]) @ H[0]), ok.scores["approx"]
+        assert ok.scores["sign_match"] == ((exact > 0) == (approx > 0))  # the accepted preset's x > 0 rule
+        if ok.scores["sign_match"]:
+            assert ok.explained and ok.reason == "ok" and ok.features is not None
+            mags = [f["abs_contribution"] for f in ok.features]
+            assert mags == sorted(mags, reverse=True)
+            assert sum(f["contribution"] for f in ok.features) == pytest.approx(ok.scores["feature_sum"], abs=1e-4)
+        else:
+            assert ok.withheld and ok.reason == "sign_flip" and ok.features is None
+        seen[ok.reason] += 1
+    assert seen == {"ok": 4, "sign_flip": 2}
     no = explain(H[0], sae, W_U=W, query_kind="pairwise_margin", target_a=1, target_b=2, max_rho=0.0)
     assert no.withheld and no.features is None and no.reason in ("residual_share", "sign_flip")
     assert no.scores["exact"] == pytest.approx(float((W[1] - W[2]) @ H[0]), rel=1e-5)
     assert no.scores["rho"] == pytest.approx(abs(no.scores["residual"]) / max(abs(no.scores["exact"]), 1e-6), rel=1e-5)
-    top = explain(H[0], sae, W_U=W, target=3, max_rho=1e9, top_features=2)
-    assert top.features is None or len(top.features) <= 2
+    top = explain(H[0], sae, W_U=W, query_kind="pairwise_margin", target_a=1, target_b=2, max_rho=1e9, top_features=2)
+    assert top.explained and len(top.features) == 2
     win = explain(H[1], sae, W_U=W, query_kind="winner_vs_topk", top_competitors=3, max_rho=1e9)
     assert win.query["target_token_id"] == int(np.argmax(W @ H[1]))
     assert srp_jax.explain is explain
@@ -102,3 +108,19 @@ def test_explain_verdict_agrees_with_fidelity_gate():
         e = explain(H[i], sae, W_U=W, query_kind="winner_vs_rank", competitor_rank=2)
         g = fidelity_gate(e.scores["exact"], e.scores["approx"])
         assert e.explained == bool(g.passed)
+
+
+def test_gate_input_errors_are_named():
+    from srp_jax.errors import ConfigError, ShapeError
+
+    with pytest.raises(ShapeError, match=r"s_exact has shape \(3,\) but s_recon has \(2,\)"):
+        fidelity_gate(np.ones(3), np.ones(2))
+    with pytest.raises(ShapeError, match="feature_sum"):
+        fidelity_gate(np.ones(3), np.ones(3), np.ones(2), preset="floor")
+    with pytest.raises(ConfigError, match="feature_sum="):
+        fidelity_gate(1.0, 1.0, preset="floor")
+    with pytest.raises(ConfigError, match=r"unknown gate rule field\(s\) foo"):
+        fidelity_gate(1.0, 1.0, foo=1)
+    with pytest.raises(ConfigError, match="unknown gate preset"):
+        fidelity_gate(1.0, 1.0, preset="lenient")
+
