@@ -30,7 +30,7 @@ from . import factorizers as F
 from ._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
 from .config import FactorizerConfig
 from .errors import ConfigError, NonFiniteError, ShapeError
-from .readout import ROW_NORM_EPS
+from .readout import ROW_NORM_EPS, resolve_row_mean
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -563,6 +563,13 @@ class QueryDecomposition:
         }
 
 
+def _centering_mean(row_mean: Any, W: jax.Array, model: Any, d_model: int) -> jax.Array:
+    """The given ``row_mean``, else the dictionary's stored one (``resolve_row_mean`` order)."""
+    if row_mean is None:
+        return resolve_row_mean(W, ckpt=model)
+    return _vector(row_mean, "row_mean", "row_mean must be a vector", d_model)
+
+
 def _weights_arrays(weights: Mapping[int, float] | tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(weights, Mapping):
         if not weights:
@@ -607,12 +614,7 @@ def decompose_query(
     ids, alphas = _weights_arrays(weights)
     if ids.size and (ids.min() < 0 or ids.max() >= W.shape[0]):
         raise ShapeError(f"query token id outside the vocabulary [0, {W.shape[0]})")
-    if row_mean is None:
-        from .readout import resolve_row_mean
-
-        mean_a = resolve_row_mean(W, ckpt=model)
-    else:
-        mean_a = _vector(row_mean, "row_mean", "row_mean must be a vector", d_model)
+    mean_a = _centering_mean(row_mean, W, model, d_model)
     rows = W[jnp.asarray(ids)]
     if logits is None:
         exact_logits = jnp.matmul(rows, h_a, precision=HIGHEST)
@@ -741,12 +743,7 @@ def decompose_queries(
     m = np.broadcast_to(np.asarray(to_numpy(mean_subtract, name="mean_subtract"), np.float32), (batch,))
     if not np.all(np.isfinite(m)):
         raise NonFiniteError("mean_subtract holds NaN or Inf")
-    if row_mean is None:
-        from .readout import resolve_row_mean
-
-        mean_a = resolve_row_mean(W, ckpt=model)
-    else:
-        mean_a = _vector(row_mean, "row_mean", "row_mean must be a vector", d_model)
+    mean_a = _centering_mean(row_mean, W, model, d_model)
     ids_j = jnp.asarray(ids)
     if logits is None:
         exact_logits = jnp.einsum("btd,bd->bt", W[ids_j], Ha, precision=HIGHEST)
@@ -836,12 +833,7 @@ def margin_from_rows(
     h_a = _vector(h, "h", "h must be a single hidden vector", d_model)
     W = as_float_array(W_U, name="W_U", ndim=2)
     check_last_dim("W_U", W, d_model)
-    if row_mean is None:
-        from .readout import resolve_row_mean
-
-        mu = resolve_row_mean(W, ckpt=model)
-    else:
-        mu = _vector(row_mean, "row_mean", "row_mean must be a vector", d_model)
+    mu = _centering_mean(row_mean, W, model, d_model)
     k_static = static_k(k)
 
     def side(spec, name):
