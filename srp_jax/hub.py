@@ -160,8 +160,8 @@ def verify_entry(dictionary: Any, entry: RegistryEntry, *, source: str | os.Path
     if wrong:
         where = os.fspath(source) or entry.hub_file
         raise CheckpointError(
-            f"{where}: not the published {entry.path}: {', '.join(wrong)}; check the repo id / revision, "
-            "or pass --no-verify (verify=False) for a repo with other dictionaries at these paths"
+            f"{where}: not the published {entry.path}: {', '.join(wrong)}; check the repo id / revision "
+            "(for a repo with other dictionaries at these paths: --no-verify, or load the fetched file by path)"
         )
 
 
