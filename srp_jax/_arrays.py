@@ -6,6 +6,7 @@ Every public entry point funnels its inputs through here so bad input gets one c
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -31,9 +32,8 @@ def to_numpy(x: Any, *, name: str = "array") -> np.ndarray:
         if getattr(t, "device", None) is not None and str(t.device) != "cpu":
             t = t.cpu()
         if str(t.dtype) == "torch.bfloat16":
-            import torch  # only reached when the caller already holds a torch tensor
-
-            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            int16 = sys.modules["torch"].int16  # torch is loaded: the caller holds one of its tensors
+            return t.contiguous().view(int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     try:
         return np.asarray(x)
