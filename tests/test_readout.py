@@ -33,6 +33,12 @@ def test_zero_row_clamps_to_1e_8_and_accepts_torch_tensors():
     assert np.all(np.asarray(x[2]) == 0)
     expected = (W[1] - mean) / np.linalg.norm(W[1] - mean)
     np.testing.assert_allclose(x[1], expected, rtol=1e-6)
+    # a bfloat16 tensor is read bit-exactly (values representable in bf16 widen without change)
+    W_bf = torch.tensor([[1.5, -2.25, 0.0], [3.0, 0.5, -1.0]], dtype=torch.bfloat16)
+    mu_bf, norms_bf, x_bf = preprocess_rows(W_bf)
+    mu32, norms32, x32 = preprocess_rows(W_bf.float().numpy())
+    np.testing.assert_array_equal(np.asarray(mu_bf), np.asarray(mu32))
+    np.testing.assert_array_equal(np.asarray(x_bf), np.asarray(x32))
 
 
 def test_resolve_row_mean_order():
