@@ -156,7 +156,8 @@ def test_reference_fixture_every_key(ref):
             assert isinstance(value, int) and not isinstance(value, bool) and value == expected, key
         else:
             assert isinstance(value, float), key
-            assert abs(value - expected) <= 1e-4, (key, value, expected)
+            # acceptance is 1e-4; measured worst: identity_abs_error_max 1.9e-6 (itself round-off)
+            assert abs(value - expected) <= 1e-5, (key, value, expected)
     # the fixture's independent cross-checks
     pos, absc = ref["metrics"]["contribution_coverages_recomputed"]
     assert abs(got["top8_positive_contrib_coverage_mean"] - pos) <= 1e-6
