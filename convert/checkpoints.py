@@ -31,6 +31,7 @@ import numpy as np
 from srp_jax import factorizers as F
 from srp_jax.checkpoint import check_destination, is_srp_checkpoint, load_checkpoint, save_dictionary
 from srp_jax.dictionary import Dictionary
+from srp_jax.config import FactorizerConfig
 from srp_jax.errors import CheckpointError, ShapeError, SrpError
 
 from .pt_io import read_pt, write_pt
@@ -138,7 +139,7 @@ def _dictionary_from_pt_dict(
         raise MissingConfigError(f"{source}: no factorizer config (looked for 'factorizer' and 'config.factorizer')")
 
     # Buffers keep their source dtype (ints always; floats unless the float32 policy).
-    buffer_keys = {"activation_threshold", "threshold_initialized", "act_scale_ema", "act_scale_init"}
+    buffer_keys = set(F.buffer_keys(_architecture_name(block, config, source)))
     cast_state: OrderedDict[str, Any] = OrderedDict()
     buffer_dtypes: dict[str, str] = {}
     for key, value in state.items():
@@ -203,6 +204,18 @@ def _dictionary_from_pt_dict(
     return dictionary, layout
 
 
+def _architecture_name(block: Any, config: Any, source: str) -> str:
+    """The architecture a ``.pt``'s factorizer block names (validated against the registry)."""
+    if not block and isinstance(config, Mapping):
+        block = config.get("factorizer")
+    if not isinstance(block, Mapping):
+        raise CheckpointError(f"{source}: factorizer config must be a dict, got {type(block).__name__}")
+    try:
+        return FactorizerConfig.from_dict(block, strict=False).architecture
+    except SrpError as exc:
+        raise type(exc)(f"{source}: factorizer config: {exc}") from None
+
+
 def pt_dict_from_dictionary(
     dictionary: Dictionary, layout: Mapping[str, Any] | None = None, *, dtype: str | None = None
 ) -> dict[str, Any]:
@@ -217,7 +230,7 @@ def pt_dict_from_dictionary(
             target = np.dtype(ml_dtypes.bfloat16) if buffer_dtypes[key] == "bfloat16" else np.dtype(buffer_dtypes[key])
             arr = arr.astype(target)
             state[key] = _cast_other(arr, dtype)
-        elif key not in F.INT_BUFFERS and key not in ("activation_threshold", "act_scale_ema"):
+        elif key not in F.buffer_keys(dictionary.config):
             state[key] = _cast_param(np.asarray(arr), dtype)
     order = layout.get("state_order")
     if order and set(order) == set(state):
@@ -294,8 +307,33 @@ def orbax_to_pt(
         raise CheckpointError(f"{dst}: is a directory; the .pt destination must be a file path")
     check_destination(dst, force=force, sources=(src,), replaceable=_is_regular_file, what="a file")
     loaded = load_checkpoint(src)
-    write_pt(pt_dict_from_dictionary(loaded.dictionary, loaded.layout, dtype=dtype), dst)
+    write_pt(pt_dict_from_dictionary(Dictionary(**loaded.contents), loaded.layout, dtype=dtype), dst)
     return dst
+
+
+def hub_to_orbax(
+    spec: str,
+    out: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    dtype: str = "float32",
+    verify: bool = True,
+) -> tuple[Path, Path]:
+    """Fetch a published dictionary (``"<model>/<op>"``) and write it as an srp-jax checkpoint
+    at ``out``. The download is checked against the registry (``verify``) before anything is
+    written. Returns ``(out, downloaded .pt path)``."""
+    from srp_jax import hub
+
+    entry = hub.find_entry(spec)
+    src = hub.fetch_checkpoint(entry.path, repo_id=repo_id, revision=revision, cache_dir=cache_dir)
+    check = (lambda d: hub.verify_entry(d, entry, source=src)) if verify else None
+    return pt_to_orbax(src, out, force=force, dtype=dtype, check=check), src
+
+
+fetch_to_checkpoint = hub_to_orbax  # the name this had in srp_jax.hub
 
 
 def dictionary_to_pt(
@@ -318,4 +356,5 @@ __all__ = [
     "pt_to_orbax",
     "orbax_to_pt",
     "dictionary_to_pt",
+    "hub_to_orbax",
 ]

@@ -20,7 +20,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare
     __version__ = "0.0.0+unknown"
 
 from . import factorizers, hub, metrics
-from .checkpoint import is_srp_checkpoint, load_dictionary, save_dictionary
+from .checkpoint import is_srp_checkpoint, save_dictionary
 from .config import ARCHITECTURES, EvaluationConfig, FactorizerConfig, RunConfig, load_run_config, resolve_eval_k
 from .data import PrismDataset, load_prism_dataset, make_synthetic_data
 from .decompose import (
@@ -40,7 +40,7 @@ from .decompose import (
     margin_from_rows,
 )
 from . import errors as _errors
-from .dictionary import Dictionary, load_factorizer
+from .dictionary import Dictionary, load_dictionary, load_factorizer
 from .errors import (
     CheckpointError,
     ConfigError,

@@ -1,7 +1,10 @@
-"""The one bridge from ``srp_jax`` to ``convert`` (the only package that imports torch).
+"""The one bridge from ``srp_jax`` to torch: ``.pt`` file I/O lives in ``convert.pt_io`` (the
+only module that imports torch), reached lazily from here, so ``import srp_jax`` never imports
+torch; without torch the error names the ``convert`` extra to install.
 
-Reached lazily, so ``import srp_jax`` never imports torch; without torch the error names the
-``convert`` extra to install.
+Code above :mod:`srp_jax.dictionary` (the training loop's ``.pt`` export, the CLI) calls
+:func:`require_torch` and then uses ``convert.checkpoints`` (Dictionary <-> ``.pt`` schema),
+which itself reads and writes files through ``convert.pt_io``.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ def read_pt(path, **kwargs: Any) -> dict[str, Any]:
     return _read(path, **kwargs)
 
 
-def dictionary_to_pt(dictionary: Any, path, **kwargs: Any) -> Any:
-    """Write a ``Dictionary`` as a reference runner-schema ``checkpoint.pt`` (atomically)."""
+def write_pt(obj: Any, path, **kwargs: Any) -> Any:
+    """Write a checkpoint dict of NumPy arrays and plain values as a ``.pt`` file (atomically)."""
     require_torch(f"writing {path}")
-    from convert.checkpoints import dictionary_to_pt as _export
+    from convert.pt_io import write_pt as _write
 
-    return _export(dictionary, path, **kwargs)
+    return _write(obj, path, **kwargs)

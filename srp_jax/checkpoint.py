@@ -48,7 +48,6 @@ import numpy as np
 from . import factorizers as F
 from ._atomic import publish_permissions
 from .config import FactorizerConfig
-from .dictionary import Dictionary
 from .errors import CheckpointError, ShapeError, SrpError
 
 FORMAT_NAME = "srp-jax-dictionary"
@@ -58,6 +57,8 @@ ARRAYS_DIR = "arrays"
 RUN_SUBDIR = "checkpoint"  # a training run directory keeps its dictionary here
 
 _TAG = "__srp_type__"
+_DICTIONARY_FIELDS = ("config", "params", "buffers", "d_model", "row_mean", "row_norms", "row_token_ids",
+                      "metrics", "evaluation", "factorizer_block", "source_config")
 _ROW_KEYS = ("row_mean", "row_norms", "row_token_ids")
 _JAX_FLOATS = ("float32", "bfloat16", "float16")
 
@@ -196,16 +197,22 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-    """What :func:`load_checkpoint` returns: the dictionary, the source ``.pt`` layout (or None)
-    and the decoded metadata (``format``, ``format_version``, ``arrays``, ``files``, ...)."""
+    """What :func:`load_checkpoint` returns: ``contents`` (the dictionary's fields: ``config``,
+    ``params``, ``buffers``, ``d_model``, ``row_mean``, ``row_norms``, ``row_token_ids``,
+    ``metrics``, ``evaluation``, ``factorizer_block``, ``source_config`` — the keyword
+    arguments of :class:`srp_jax.dictionary.Dictionary`), the source ``.pt`` layout (or None)
+    and the decoded metadata (``format``, ``format_version``, ``arrays``, ``files``, ...).
 
-    dictionary: Dictionary
+    This module sits below :mod:`srp_jax.dictionary`: it stores and restores the fields;
+    :func:`srp_jax.dictionary.load_dictionary` turns them into a ``Dictionary``."""
+
+    contents: dict[str, Any]
     layout: dict[str, Any] | None
     metadata: dict[str, Any]
     path: Path
 
 
-def _host_arrays(dictionary: Dictionary) -> dict[str, np.ndarray]:
+def _host_arrays(dictionary: Any) -> dict[str, np.ndarray]:
     """Every array of the dictionary as host NumPy, under its tree name (dtypes kept)."""
     flat: dict[str, np.ndarray] = {}
     for name, value in _flatten({"params": dictionary.params}).items():
@@ -223,8 +230,9 @@ def _host_arrays(dictionary: Dictionary) -> dict[str, np.ndarray]:
     return flat
 
 
-def _check_dictionary(dictionary: Dictionary) -> None:
-    if not isinstance(dictionary, Dictionary):
+def _check_dictionary(dictionary: Any) -> None:
+    missing = [name for name in _DICTIONARY_FIELDS if not hasattr(dictionary, name)]
+    if missing or not isinstance(getattr(dictionary, "config", None), FactorizerConfig):
         raise CheckpointError(f"save_dictionary needs a Dictionary, got {type(dictionary).__name__}")
     expected = F.expected_shapes(dictionary.config, dictionary.d_model)
     state = F.variables_to_state_dict(dictionary.params, dictionary.buffers, dictionary.config)
@@ -240,7 +248,7 @@ def _check_dictionary(dictionary: Dictionary) -> None:
 
 
 def save_dictionary(
-    dictionary: Dictionary,
+    dictionary: Any,
     path: str | os.PathLike,
     *,
     force: bool = False,
@@ -536,7 +544,7 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
             return arr
         return jnp.asarray(arr) if _dtype_name(arr.dtype) in _JAX_FLOATS else arr
 
-    dictionary = Dictionary(
+    contents = dict(
         config=cfg,
         params=params,
         buffers=buffers,
@@ -549,7 +557,7 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
         factorizer_block=dict(factorizer_block) if content.get("factorizer_is_verbatim", True) else None,
         source_config=dict(source_config) if isinstance(source_config, Mapping) else None,
     )
-    return LoadedCheckpoint(dictionary=dictionary, layout=layout, metadata=content, path=path)
+    return LoadedCheckpoint(contents=contents, layout=layout, metadata=content, path=path)
 
 
 def _has_all(params: Mapping[str, Any], buffers: Mapping[str, Any], cfg: FactorizerConfig) -> bool:
@@ -560,24 +568,12 @@ def _has_all(params: Mapping[str, Any], buffers: Mapping[str, Any], cfg: Factori
     return True
 
 
-def load_dictionary(path: str | os.PathLike, *, sharding: Any = None) -> Dictionary:
-    """Load an srp-jax checkpoint directory (or a training run directory holding
-    ``checkpoint/``) into a :class:`~srp_jax.dictionary.Dictionary`.
-
-    ``sharding``: None (default device), one ``jax.sharding.Sharding`` for every parameter and
-    buffer, or a pytree of them (``{"params": ..., "buffers": ...}`` or shaped like params);
-    arrays are restored directly onto it. Every array's checksum is verified.
-    """
-    return load_checkpoint(path, sharding=sharding).dictionary
-
-
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "METADATA_FILE",
     "LoadedCheckpoint",
     "save_dictionary",
-    "load_dictionary",
     "load_checkpoint",
     "is_srp_checkpoint",
     "resolve_checkpoint_dir",

@@ -9,119 +9,96 @@ arguments of jitted functions. The full run configuration (``run``, ``data``, ``
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from ._validate import as_bool as _as_bool
+from ._validate import as_float as _as_float
+from ._validate import as_int as _as_int
+from ._validate import as_list as _as_list  # noqa: F401 - kept for callers of the old private name
+from ._validate import as_str as _as_str
+from ._validate import unknown_keys as _unknown_keys
 from .errors import ConfigError
+from .factorizers.base import DEFAULT_K
+from .factorizers.registry import architecture_names, get_architecture, known_option
 
+# The built-in architectures (the live registry, including architectures registered later, is
+# ``srp_jax.factorizers.architecture_names()``).
 ARCHITECTURES = ("topk", "matryoshka_topk", "batch_topk", "jumprelu", "gated", "l1_relu")
-TOPK_FAMILY = ("topk", "matryoshka_topk")
+TOPK_FAMILY = ("topk", "matryoshka_topk")  # at most k active per row
 K_ARCHITECTURES = ("topk", "matryoshka_topk", "batch_topk")  # those for which k means something
-DEFAULT_K = 32
+
+_COMMON_FACTORIZER_KEYS = ("architecture", "d_features", "k", "encoder_init_scale")
 
 
-def _as_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or value is None:
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if not math.isfinite(as_float) or as_float != int(as_float):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    out = int(as_float)
-    if minimum is not None and out < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {out}")
-    return out
-
-
-def _as_float(name: str, value: Any, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or value is None:
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ConfigError(f"{name} must be finite, got {value!r}")
-    return out
-
-
-def _as_list(name: str, value: Any) -> list[Any]:
-    """A YAML list (None -> []); a scalar or a mapping is an error naming the key."""
-    if value is None:
-        return []
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
-        raise ConfigError(f"{name} must be a list, got {value!r}")
-    return list(value)
-
-
-def _unknown_keys(block: str, given: Mapping[str, Any], known: set[str]) -> None:
-    extra = sorted(set(given) - known)
-    if extra:
-        raise ConfigError(
-            f"unknown key(s) in {block}: {', '.join(extra)} (known: {', '.join(sorted(known))})"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class FactorizerConfig:
     """The ``factorizer:`` block. Defaults are the reference's ``build_factorizer`` defaults.
 
-    ``k`` is the trained TopK budget; for ``jumprelu``, ``gated`` and ``l1_relu`` it is unused
-    and the dictionary's ``native_k`` is ``d_features`` (the reference's ``model.k``).
+    Common keys are fields: ``architecture``, ``d_features``, ``k`` (the trained TopK budget;
+    None = not given, the TopK family then trains with 32) and ``encoder_init_scale``. Every
+    other key belongs to an architecture (:attr:`Architecture.options`, e.g. batch_topk's
+    ``threshold_momentum``, jumprelu's ``log_threshold_init`` / ``bandwidth``, matryoshka's
+    ``k_values`` / ``matryoshka_weights``) and is read as an attribute (``cfg.bandwidth``).
+    A key of *another* architecture is validated and ignored (reference blocks carry them),
+    so two configs differ only where their architecture can tell. Frozen and hashable: a
+    static jit argument.
     """
 
-    architecture: str = "topk"
-    d_features: int = 1024
-    k: int | None = None  # None = not given: the TopK family then trains with 32
-    encoder_init_scale: float = 0.02
-    k_values: tuple[int, ...] = ()
-    matryoshka_weights: tuple[float, ...] = ()
-    threshold_momentum: float = 0.995
-    log_threshold_init: float = -6.0
-    bandwidth: float = 0.5
+    architecture: str
+    d_features: int
+    k: int | None
+    encoder_init_scale: float
+    options: tuple[tuple[str, Any], ...]
 
-    def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(
-                f"unknown factorizer architecture {self.architecture!r} "
-                f"(expected one of: {', '.join(ARCHITECTURES)})"
-            )
-        object.__setattr__(self, "d_features", _as_int("factorizer.d_features", self.d_features, minimum=1))
-        object.__setattr__(self, "k", _as_int("factorizer.k", self.k, minimum=0, allow_none=True))
-        object.__setattr__(
-            self, "encoder_init_scale", _as_float("factorizer.encoder_init_scale", self.encoder_init_scale)
-        )
-        object.__setattr__(
-            self,
-            "k_values",
-            tuple(_as_int("factorizer.k_values[]", v, minimum=1) for v in _as_list("factorizer.k_values", self.k_values)),
-        )
-        object.__setattr__(
-            self,
-            "matryoshka_weights",
-            tuple(
-                _as_float("factorizer.matryoshka_weights[]", v)
-                for v in _as_list("factorizer.matryoshka_weights", self.matryoshka_weights)
-            ),
-        )
-        m = _as_float("factorizer.threshold_momentum", self.threshold_momentum)
-        if not 0.0 <= m <= 1.0:
-            raise ConfigError(f"factorizer.threshold_momentum must be in [0, 1], got {m}")
-        object.__setattr__(self, "threshold_momentum", m)
-        object.__setattr__(
-            self, "log_threshold_init", _as_float("factorizer.log_threshold_init", self.log_threshold_init)
-        )
-        bw = _as_float("factorizer.bandwidth", self.bandwidth)
-        if bw <= 0:
-            raise ConfigError(f"factorizer.bandwidth must be > 0, got {bw}")
-        object.__setattr__(self, "bandwidth", bw)
+    def __init__(
+        self,
+        architecture: str = "topk",
+        d_features: int = 1024,
+        k: int | None = None,
+        encoder_init_scale: float = 0.02,
+        options: Mapping[str, Any] | tuple[tuple[str, Any], ...] = (),
+        **named_options: Any,
+    ) -> None:
+        arch = get_architecture(architecture)
+        set_ = object.__setattr__
+        set_(self, "architecture", arch.name)
+        set_(self, "d_features", _as_int("factorizer.d_features", d_features, minimum=1))
+        set_(self, "k", _as_int("factorizer.k", k, minimum=0, allow_none=True))
+        set_(self, "encoder_init_scale", _as_float("factorizer.encoder_init_scale", encoder_init_scale))
+        given = dict(options.items() if isinstance(options, Mapping) else options)
+        given.update(named_options)
+        own: dict[str, Any] = {}
+        for key, value in given.items():
+            option = arch.options.get(key) or known_option(key)
+            if option is None:
+                _unknown_keys("factorizer", {key: value}, set(_COMMON_FACTORIZER_KEYS) | _all_option_keys())
+            coerced = option.coerce(f"factorizer.{key}", value)
+            if key in arch.options:
+                own[key] = coerced
+        resolved = tuple((key, own.get(key, option.default)) for key, option in arch.options.items())
+        set_(self, "options", resolved)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names that are not fields: architecture options
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for key, value in object.__getattribute__(self, "options"):
+            if key == name:
+                return value
+        option = known_option(name)
+        if option is not None:  # another architecture's key: its default
+            return option.default
+        raise AttributeError(f"FactorizerConfig has no attribute or option {name!r}")
+
+    def __reduce__(self):
+        return (_rebuild_factorizer_config, (self.architecture, self.d_features, self.k, self.encoder_init_scale, self.options))
+
+    @property
+    def arch(self):
+        """The registered :class:`~srp_jax.factorizers.base.Architecture`."""
+        return get_architecture(self.architecture)
 
     @classmethod
     def from_dict(cls, block: Mapping[str, Any] | None, *, strict: bool = True) -> FactorizerConfig:
@@ -131,11 +108,10 @@ class FactorizerConfig:
         ``strict=False`` because published checkpoints may carry keys we do not use.
         """
         block = dict(block or {})
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(_COMMON_FACTORIZER_KEYS) | _all_option_keys()
         if strict:
             _unknown_keys("factorizer", block, known)
-        kwargs = {key: block[key] for key in known if key in block and block[key] is not None}
-        return cls(**kwargs)
+        return cls(**{key: value for key, value in block.items() if key in known and value is not None})
 
     def to_dict(self) -> dict[str, Any]:
         """A reference-style ``factorizer`` block (plain Python values, JSON/YAML-safe)."""
@@ -146,20 +122,19 @@ class FactorizerConfig:
         }
         if self.k is not None:
             out["k"] = self.k
-        if self.architecture == "matryoshka_topk" or self.k_values:
-            out["k_values"] = list(self.k_values)
-            out["matryoshka_weights"] = list(self.matryoshka_weights)
-        if self.architecture == "batch_topk":
-            out["threshold_momentum"] = self.threshold_momentum
-        if self.architecture == "jumprelu":
-            out["log_threshold_init"] = self.log_threshold_init
-            out["bandwidth"] = self.bandwidth
+        out.update(self.arch.option_values(self))
         return out
+
+    def replace(self, **changes: Any) -> FactorizerConfig:
+        """A copy with ``changes`` (fields or options) applied."""
+        block = {**{key: getattr(self, key) for key in _COMMON_FACTORIZER_KEYS}, **dict(self.options), **changes}
+        return FactorizerConfig(**block)
 
     @property
     def native_k(self) -> int:
-        """The reference's ``model.k``: the trained k for the TopK family, else ``d_features``."""
-        if self.architecture in K_ARCHITECTURES:
+        """The reference's ``model.k``: the trained k for architectures that use k (TopK
+        family, batch_topk), else ``d_features``."""
+        if self.arch.uses_k:
             return DEFAULT_K if self.k is None else self.k
         return self.d_features
 
@@ -171,11 +146,19 @@ class FactorizerConfig:
 
     def loss_k_values(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """Matryoshka (k_values, weights); weights of mismatched length become all ones."""
-        ks = self.k_values
-        ws = self.matryoshka_weights
+        ks = tuple(self.k_values)
+        ws = tuple(self.matryoshka_weights)
         if len(ws) != len(ks):
             ws = tuple(1.0 for _ in ks)
         return ks, ws
+
+
+def _rebuild_factorizer_config(architecture, d_features, k, encoder_init_scale, options):
+    return FactorizerConfig(architecture, d_features, k, encoder_init_scale, options)
+
+
+def _all_option_keys() -> set[str]:
+    return {key for name in architecture_names() for key in get_architecture(name).options}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,23 +224,44 @@ LR_SCHEDULES = ("constant", "warmup_cosine")
 LAMBDA_MODES = ("constant", "delayed_ramp")
 DATA_FALLBACKS = ("synthetic", "error")
 
+# training.row_sampling: fixed names, frequency_pow_<p>, hybrid_<F>freq_<U>uniform
+_FIXED_SAMPLING = {
+    "uniform": ("uniform", None),
+    "frequency": ("frequency_pow", 1.0),
+    "frequency_sqrt": ("frequency_pow", 0.5),
+    "frequency_pow_0.5": ("frequency_pow", 0.5),
+    "frequency_pow_0.75": ("frequency_pow", 0.75),
+    "top1_sqrt_frequency": ("top_sqrt", 1),
+    "top5_sqrt_frequency": ("top_sqrt", 5),
+}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_HYBRID = re.compile(rf"^hybrid_(?P<f>{_NUMBER})freq_(?P<u>{_NUMBER})uniform$")
+_POW = re.compile(rf"^frequency_pow_(?P<p>{_NUMBER})$")
 
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+def parse_row_sampling(mode: str | None) -> tuple[str, Any]:
+    """``training.row_sampling`` -> (kind, parameter): ``("uniform", None)``,
+    ``("frequency_pow", p)``, ``("hybrid", f)`` with f = F / (F + U) the frequency share, or
+    ``("top_sqrt", n)`` (sqrt of top-n hit counts). None / '' mean uniform."""
+    mode = mode or "uniform"
+    if mode in _FIXED_SAMPLING:
+        return _FIXED_SAMPLING[mode]
+    if _POW.match(mode):
+        return "frequency_pow", float(_POW.match(mode).group("p"))
+    match = _HYBRID.match(mode)
+    if match:
+        f_pct, u_pct = float(match.group("f")), float(match.group("u"))
+        return "hybrid", f_pct / max(f_pct + u_pct, 1e-8)
+    raise ConfigError(
+        f"unknown training.row_sampling mode {mode!r} (expected uniform, frequency, frequency_sqrt, "
+        "frequency_pow_<p>, hybrid_<F>freq_<U>uniform, top1_sqrt_frequency or top5_sqrt_frequency)"
+    )
 
 
-def _as_str(name: str, value: Any, *, allow_none: bool = False, choices: tuple[str, ...] | None = None) -> str | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+def validate_sampling_mode(mode: str | None) -> str:
+    """Return the mode (None/'' -> 'uniform') or raise ConfigError naming it."""
+    parse_row_sampling(mode)
+    return mode or "uniform"
 
 
 def _block(name: str, value: Any) -> dict[str, Any]:
@@ -328,6 +332,11 @@ class DataConfig:
         object.__setattr__(self, "val_hidden", vh or min(128, self.max_hidden))
         object.__setattr__(self, "data_seed", _as_int("data.data_seed", self.data_seed, minimum=0, allow_none=True))
         object.__setattr__(self, "apply_token_mask", _as_bool("data.apply_token_mask", self.apply_token_mask))
+
+    @classmethod
+    def from_dict(cls, block: Any) -> DataConfig:
+        """Validate a ``data:`` block (unknown keys named)."""
+        return _build(cls, "data", block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,8 +431,6 @@ class TrainingConfig:
             raise ConfigError(f"{p}lambda_ramp_start_frac must be in [0, 1], got {self.lambda_ramp_start_frac}")
         object.__setattr__(self, "auxk_k", _as_int(p + "auxk_k", self.auxk_k, minimum=1, allow_none=True))
         object.__setattr__(self, "auxk_dead_steps", _as_int(p + "auxk_dead_steps", self.auxk_dead_steps, minimum=1))
-        from .data import validate_sampling_mode  # late import: data imports this module
-
         validate_sampling_mode(self.row_sampling)
 
     @property

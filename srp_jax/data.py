@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import to_numpy
+from .config import DataConfig, RunConfig, parse_row_sampling, validate_sampling_mode
 from .errors import CheckpointError, ConfigError, ShapeError
+from .readout import Readout, preprocess_rows
 
 HIGHEST = jax.lax.Precision.HIGHEST
 PAD_NORM_EPS = 1e-6
@@ -31,20 +32,6 @@ HIDDEN_SEED_OFFSET = 11
 ROW_SUBSET_SEED_OFFSET = 23
 TOP_TARGETS_N = 8
 PAYLOAD_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
-
-_FIXED_MODES = (
-    "uniform",
-    "frequency",
-    "frequency_sqrt",
-    "frequency_pow_0.5",
-    "frequency_pow_0.75",
-    "top1_sqrt_frequency",
-    "top5_sqrt_frequency",
-)
-_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_HYBRID = re.compile(rf"^hybrid_(?P<f>{_NUMBER})freq_(?P<u>{_NUMBER})uniform$")
-_POW = re.compile(rf"^frequency_pow_(?P<p>{_NUMBER})$")
-
 
 # --------------------------------------------------------------------------------------------
 # Payloads
@@ -269,44 +256,27 @@ def choose_row_subset(
 # Row sampling
 
 
-def validate_sampling_mode(mode: str | None) -> str:
-    """Return the mode (None/'' -> 'uniform') or raise ConfigError naming it."""
-    mode = mode or "uniform"
-    if mode in _FIXED_MODES or _POW.match(mode) or _HYBRID.match(mode):
-        return mode
-    raise ConfigError(
-        f"unknown training.row_sampling mode {mode!r} (expected uniform, frequency, frequency_sqrt, "
-        "frequency_pow_<p>, hybrid_<F>freq_<U>uniform, top1_sqrt_frequency or top5_sqrt_frequency)"
-    )
-
-
 def row_sampling_weights(dataset: Any, mode: str | None) -> np.ndarray:
     """Normalised sampling probabilities (V,) float64 over the kept rows.
 
     ``dataset`` needs ``top_counts`` (V,) and ``top_targets`` (N, n) (a ``PrismDataset`` or
     any object/mapping with those). Frequencies are top-8 appearance counts, floored at 1.
+    The mode grammar is :func:`srp_jax.config.parse_row_sampling`.
     """
-    mode = validate_sampling_mode(mode)
+    kind, param = parse_row_sampling(mode)
     get = dataset.get if isinstance(dataset, Mapping) else lambda k: getattr(dataset, k)
     counts = np.asarray(get("top_counts"), np.float64)
     V = counts.shape[0]
     freq = np.maximum(counts, 1.0)
-    if mode == "uniform":
+    if kind == "uniform":
         w = np.ones(V)
-    elif mode == "frequency":
-        w = freq
-    elif mode in ("frequency_sqrt",):
-        w = freq**0.5
-    elif _POW.match(mode):
-        w = freq ** float(_POW.match(mode).group("p"))
-    elif mode.startswith("hybrid_"):
-        m = _HYBRID.match(mode)
-        f_pct, u_pct = float(m.group("f")), float(m.group("u"))
-        f = f_pct / max(f_pct + u_pct, 1e-8)
-        w = f * (freq / freq.sum()) + (1.0 - f) * np.full(V, 1.0 / V)
-    else:
+    elif kind == "frequency_pow":
+        w = freq if param == 1.0 else freq**param
+    elif kind == "hybrid":
+        w = param * (freq / freq.sum()) + (1.0 - param) * np.full(V, 1.0 / V)
+    else:  # top_sqrt: sqrt of how often a row is among the top-n targets
         targets = np.asarray(get("top_targets"), np.int64)
-        cols = 1 if mode == "top1_sqrt_frequency" else min(5, targets.shape[1] if targets.ndim == 2 else 1)
+        cols = 1 if param == 1 else min(param, targets.shape[1] if targets.ndim == 2 else 1)
         hits = np.bincount(targets[:, :cols].reshape(-1), minlength=V).astype(np.float64)
         w = np.sqrt(np.maximum(hits, 1.0))
     return w / w.sum()
@@ -318,22 +288,21 @@ def row_sampling_weights(dataset: Any, mode: str | None) -> np.ndarray:
 
 @dataclasses.dataclass
 class PrismDataset:
-    """Everything training and evaluation read (reference field names).
+    """Everything training and evaluation read.
 
-    ``W_U`` (V, d) the kept raw rows; ``rows_normalized`` (V, d); ``row_mean`` (d,);
-    ``row_norms`` (V,); ``hidden_train`` (N_t, d); ``hidden_val`` (N_v, d); ``row_token_ids``
-    (V,) int64 vocab ids; ``top_targets`` (N_t, 8) int64 row positions; ``top_counts`` (V,)
-    int64; ``source_path``; ``used_fallback``; ``val_overlaps_train``; ``token_labels``
-    (placeholders ``tok_<id>``); ``h_LN_grid`` the raw hidden payload. Arrays are NumPy float32.
+    ``rows`` the kept readout rows as a :class:`~srp_jax.readout.Readout` (the one carrier of
+    the row statistics; ``readout()`` returns it), ``hidden_train`` (N_t, d); ``hidden_val``
+    (N_v, d); ``top_targets`` (N_t, 8) int64 row positions; ``top_counts`` (V,) int64;
+    ``source_path``; ``used_fallback``; ``val_overlaps_train``; ``token_labels``
+    (placeholders ``tok_<id>``); ``h_LN_grid`` the raw hidden payload.
+
+    The reference's field names ``W_U`` (V, d), ``rows_normalized`` (V, d), ``row_mean``
+    (d,), ``row_norms`` (V,) and ``row_token_ids`` (V,) read through to ``rows``.
     """
 
-    W_U: np.ndarray
-    rows_normalized: np.ndarray
-    row_mean: np.ndarray
-    row_norms: np.ndarray
+    rows: Readout
     hidden_train: np.ndarray
     hidden_val: np.ndarray
-    row_token_ids: np.ndarray
     top_targets: np.ndarray
     top_counts: np.ndarray
     source_path: str
@@ -342,31 +311,26 @@ class PrismDataset:
     token_labels: list[str] = dataclasses.field(default_factory=list)
     h_LN_grid: np.ndarray | None = None
 
+    W_U = property(lambda self: self.rows.W_U, doc="(V, d) the kept raw rows")
+    rows_normalized = property(lambda self: self.rows.rows_normalized, doc="(V, d) centred, unit-norm rows")
+    row_mean = property(lambda self: self.rows.row_mean, doc="(d,) the mean of the kept rows")
+    row_norms = property(lambda self: self.rows.row_norms, doc="(V,) norms of the centred rows (floor 1e-8)")
+    row_token_ids = property(lambda self: np.asarray(self.rows.row_token_ids, np.int64), doc="(V,) vocabulary ids")
+
     @property
     def vocab_size(self) -> int:
-        return int(self.W_U.shape[0])
+        return self.rows.vocab_size
 
     @property
     def d_model(self) -> int:
-        return int(self.W_U.shape[1])
+        return self.rows.d_model
 
-    def readout(self, softcap: float | None = None):
-        """This dataset's rows as a :class:`srp_jax.readout.Readout` (no recomputation)."""
-        from .readout import Readout
-
-        return Readout(
-            W_U=jnp.asarray(self.W_U),
-            row_mean=jnp.asarray(self.row_mean),
-            row_norms=jnp.asarray(self.row_norms),
-            rows_normalized=jnp.asarray(self.rows_normalized),
-            row_token_ids=np.asarray(self.row_token_ids, np.int64),
-            softcap=softcap,
-        )
+    def readout(self, softcap: float | None = None) -> Readout:
+        """This dataset's rows (no recomputation), optionally with a logit softcap."""
+        return self.rows if softcap is None else self.rows.with_softcap(softcap)
 
 
-def _data_block(config: Any):
-    from .config import DataConfig, RunConfig
-
+def _data_block(config: Any) -> DataConfig:
     if isinstance(config, RunConfig):
         return config.data
     if isinstance(config, DataConfig):
@@ -375,9 +339,7 @@ def _data_block(config: Any):
         block = config.get("data", config) if "data" in config or not config else config
         if block is config and any(k in config for k in ("factorizer", "training", "run")):
             block = {}
-        from .config import _build
-
-        return _build(DataConfig, "data", block)
+        return DataConfig.from_dict(block)
     raise ConfigError(f"expected a run config or a data block, got {type(config).__name__}")
 
 
@@ -423,18 +385,16 @@ def load_prism_dataset(config: Any, seed: int = 0, *, payload: Mapping[str, Any]
     )
     row_ids = choose_row_subset(W_full, hidden_train, data.max_rows, data_seed + ROW_SUBSET_SEED_OFFSET, mask)
     W = np.ascontiguousarray(W_full[row_ids])
-    from .readout import preprocess_rows
-
-    row_mean, row_norms, rows_normalized = (np.asarray(a, np.float32) for a in preprocess_rows(W))
+    row_mean, row_norms, rows_normalized = preprocess_rows(W)
+    rows = Readout(
+        W_U=jnp.asarray(W), row_mean=row_mean, row_norms=row_norms, rows_normalized=rows_normalized,
+        row_token_ids=row_ids.astype(np.int64),
+    )
     top_targets, top_counts = compute_top_targets(W, hidden_train, top_n=TOP_TARGETS_N)
     return PrismDataset(
-        W_U=W,
-        rows_normalized=rows_normalized,
-        row_mean=row_mean,
-        row_norms=row_norms,
+        rows=rows,
         hidden_train=hidden_train,
         hidden_val=hidden_val,
-        row_token_ids=row_ids.astype(np.int64),
         top_targets=top_targets,
         top_counts=top_counts,
         source_path=source,

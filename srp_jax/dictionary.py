@@ -20,9 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import factorizers as F
+from . import hub
 from ._arrays import as_float_array, check_last_dim, static_k, to_numpy
+from .checkpoint import load_checkpoint, save_dictionary
 from .config import FactorizerConfig
+from ._lazy import read_pt
 from .errors import CheckpointError, ConfigError, MissingConfigError, ShapeError
+from .readout import Readout
 
 
 @dataclasses.dataclass
@@ -70,6 +74,14 @@ class Dictionary:
     def decoder(self) -> jax.Array:
         return self.params["decoder"]
 
+    def readout(self, W_U: Any, *, token_mask: Any = None, softcap: float | None = None, rows: str = "trained"):
+        """``W_U`` prepared the way this dictionary was trained (see ``Readout.for_dictionary``)."""
+        return Readout.for_dictionary(W_U, self, token_mask=token_mask, softcap=softcap, rows=rows)
+
+    def replace(self, **changes: Any) -> Dictionary:
+        """A copy with ``changes`` applied (the arrays are shared, not copied)."""
+        return dataclasses.replace(self, **changes)
+
     # ---- mode switches (torch-like)
     def train(self, mode: bool = True) -> Dictionary:
         self.training = bool(mode)
@@ -85,17 +97,20 @@ class Dictionary:
         return arr
 
     def encode(self, x: Any, k: int | None = None) -> jax.Array:
-        """Code (B, D) of normalized rows x (B, d) (or (D,) for one row (d,))."""
+        """Code (B, D) of normalized rows x (B, d) (or (D,) for one row (d,)).
+
+        In training mode an architecture whose training code differs (batch_topk's batch-wide
+        selection) encodes through the training forward and keeps the updated buffers."""
         arr = self._rows(x)
         single = arr.ndim == 1
         batch = arr[None] if single else arr
-        if self.training and self.architecture == "batch_topk":
+        if self.training and self.config.arch.encode_depends_on_mode:
             out = F.forward_jit(self.config, self.params, self.buffers, batch, static_k(k), train=True)
             self.buffers = out.buffers
             code = out.code
         else:
-            F.check_ready(self.config, self.buffers)
-            code = F.encode_jit(self.config, self.params, self.buffers, batch, static_k(k))
+            cfg, params, buffers, _ = inference_view(self, allow_training=True)
+            code = F.encode_jit(cfg, params, buffers, batch, static_k(k))
         return code[0] if single else code
 
     def decode(self, code: Any) -> jax.Array:
@@ -109,7 +124,7 @@ class Dictionary:
         arr = self._rows(x)
         batch = arr[None] if arr.ndim == 1 else arr
         if not self.training:
-            F.check_ready(self.config, self.buffers)
+            inference_view(self)
         out = F.forward_jit(self.config, self.params, self.buffers, batch, static_k(k), train=self.training)
         if self.training:
             self.buffers = out.buffers
@@ -219,6 +234,35 @@ class Dictionary:
         return out
 
 
+def inference_view(model: Any, *, allow_training: bool = False) -> tuple[FactorizerConfig, F.Params, F.Buffers, int]:
+    """``(config, params, buffers, d_model)`` of a dictionary about to be used in eval mode —
+    the one check every consumer (decomposition, evaluation, the Dictionary's own encode)
+    runs: the object is a dictionary, it is not in training mode when its architecture's code
+    depends on the mode (unless ``allow_training``), and its learned state is ready
+    (``ThresholdNotReadyError`` for a BatchTopK threshold never fitted)."""
+    try:
+        cfg, params, buffers, d_model = model.config, model.params, model.buffers, model.d_model
+    except AttributeError:
+        raise ConfigError(
+            f"model must be a loaded dictionary (srp_jax.load_factorizer), got {type(model).__name__}"
+        ) from None
+    if not allow_training and getattr(model, "training", False) and cfg.arch.encode_depends_on_mode:
+        raise ConfigError(f"use a {cfg.architecture} dictionary in eval mode here (call .eval() first)")
+    F.check_ready(cfg, buffers)
+    return cfg, params, buffers, int(d_model)
+
+
+def load_dictionary(path: str | os.PathLike, *, sharding: Any = None) -> Dictionary:
+    """Load an srp-jax checkpoint directory (or a training run directory holding
+    ``checkpoint/``) into a :class:`Dictionary`.
+
+    ``sharding``: None (default device), one ``jax.sharding.Sharding`` for every parameter and
+    buffer, or a pytree of them (``{"params": ..., "buffers": ...}`` or shaped like params);
+    arrays are restored directly onto it. Every array's checksum is verified.
+    """
+    return Dictionary(**load_checkpoint(path, sharding=sharding).contents)
+
+
 def _warn_if_nonfinite(dictionary: Dictionary, source: Any) -> None:
     """Warn (not fail: the reference loads diverged runs too) when weights hold NaN/Inf."""
     bad = []
@@ -311,8 +355,6 @@ def load_factorizer(
 def _load_from_location(location, *, d_model, factorizer_config) -> Dictionary:
     text = os.fspath(location)
     if text.startswith("hub:"):
-        from . import hub
-
         entry = hub.find_entry(text)
         source = hub.fetch_checkpoint(entry.path)
         dictionary = _load_from_location(source, d_model=d_model, factorizer_config=factorizer_config)
@@ -320,9 +362,7 @@ def _load_from_location(location, *, d_model, factorizer_config) -> Dictionary:
         return dictionary
     path = Path(text)
     if path.is_dir():
-        from . import checkpoint as orbax_checkpoint
-
-        dictionary = orbax_checkpoint.load_dictionary(path)
+        dictionary = load_dictionary(path)
         if factorizer_config is not None or d_model is not None:
             cfg = (
                 factorizer_config
@@ -335,7 +375,5 @@ def _load_from_location(location, *, d_model, factorizer_config) -> Dictionary:
         return dictionary
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    from ._lazy import read_pt
-
     ckpt = read_pt(path)
     return Dictionary.from_checkpoint_dict(ckpt, d_model=d_model, factorizer_config=factorizer_config, source=str(path))

@@ -304,32 +304,6 @@ def fetch_checkpoint(
         raise HubError(f"{repo}/{entry.hub_file}: {why}; {manual}") from None
 
 
-def fetch_to_checkpoint(
-    spec: str,
-    out: str | os.PathLike,
-    *,
-    repo_id: str | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    force: bool = False,
-    dtype: str = "float32",
-    verify: bool = True,
-) -> tuple[Path, Path]:
-    """Fetch a published dictionary and write it as an srp-jax checkpoint at ``out``.
-
-    The download is checked against the registry (``verify``) before anything is written.
-    Returns ``(out, downloaded .pt path)``. Needs the ``convert`` extra (torch)."""
-    from ._lazy import require_torch
-
-    entry = find_entry(spec)
-    require_torch(f"converting hub:{entry.path}")
-    src = fetch_checkpoint(entry.path, repo_id=repo_id, revision=revision, cache_dir=cache_dir)
-    from convert.checkpoints import pt_to_orbax
-
-    check = (lambda d: verify_entry(d, entry, source=src)) if verify else None
-    return pt_to_orbax(src, out, force=force, dtype=dtype, check=check), src
-
-
 __all__ = [
     "DEFAULT_REPO_ID",
     "ALTERNATE_REPO_ID",
@@ -341,7 +315,6 @@ __all__ = [
     "resolve_repo_id",
     "fetch_checkpoint",
     "verify_entry",
-    "fetch_to_checkpoint",
     "canonical_metrics",
     "metric",
 ]

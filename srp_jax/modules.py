@@ -22,6 +22,7 @@ Matryoshka variant is ``TopKSAE(..., architecture="matryoshka_topk")``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -92,12 +93,12 @@ class SAEBase(nn.Module):
         cfg = self.factorizer_config
         self.encoder = _Encoder(self.d_model, self.d_features, cfg.encoder_init_scale)
         self.decoder = self.param("decoder", _decoder_init, (self.d_features, self.d_model))
-        self._extra = self._extra_params(cfg)
+        self._extra = {
+            name: self.param(name, nn.initializers.constant(init(cfg)), (self.d_features,))
+            for name, init in cfg.arch.extra_params.items()
+        }
         fresh = F.init_buffers(cfg)
         self._buffers = {name: self.variable("buffers", name, lambda v=value: v) for name, value in fresh.items()}
-
-    def _extra_params(self, cfg: FactorizerConfig) -> dict[str, jax.Array]:
-        return {}
 
     def _params(self) -> F.Params:
         params: F.Params = {
@@ -205,9 +206,6 @@ class JumpReLUSAE(SAEBase):
             "bandwidth": self.bandwidth,
         }
 
-    def _extra_params(self, cfg: FactorizerConfig) -> dict[str, jax.Array]:
-        init = nn.initializers.constant(cfg.log_threshold_init)
-        return {"log_threshold": self.param("log_threshold", init, (self.d_features,))}
 
 
 class GatedSAE(SAEBase):
@@ -225,12 +223,6 @@ class GatedSAE(SAEBase):
     def _config_kwargs(self) -> dict[str, Any]:
         return {"encoder_init_scale": self.encoder_init_scale}
 
-    def _extra_params(self, cfg: FactorizerConfig) -> dict[str, jax.Array]:
-        zeros = nn.initializers.zeros_init()
-        return {
-            "gate_bias": self.param("gate_bias", zeros, (self.d_features,)),
-            "log_r": self.param("log_r", zeros, (self.d_features,)),
-        }
 
 
 class L1ReLUSAE(SAEBase):
@@ -249,6 +241,32 @@ class L1ReLUSAE(SAEBase):
         return {"encoder_init_scale": self.encoder_init_scale}
 
 
+class Factorizer(SAEBase):
+    """The generic shell for any registered architecture: ``Factorizer(d_model, d_features,
+    config)`` (``config`` a :class:`FactorizerConfig`; its ``d_features`` must match)."""
+
+    config: Any = None
+
+    @property
+    def k(self) -> int:
+        return self.factorizer_config.native_k
+
+    @property
+    def architecture(self) -> str:
+        return self.factorizer_config.architecture
+
+    @property
+    def factorizer_config(self) -> FactorizerConfig:
+        cfg = self.config
+        if not isinstance(cfg, FactorizerConfig):
+            raise ConfigError(f"Factorizer needs config=FactorizerConfig(...), got {type(cfg).__name__}")
+        if cfg.d_features != self.d_features:
+            raise ConfigError(f"Factorizer: d_features {self.d_features} disagrees with config.d_features {cfg.d_features}")
+        return cfg
+
+
+# The reference's class per built-in architecture (their constructors are the reference's);
+# any other registered architecture gets the generic Factorizer.
 MODULE_CLASSES: dict[str, type[SAEBase]] = {
     "topk": TopKSAE,
     "matryoshka_topk": TopKSAE,
@@ -264,20 +282,17 @@ MODULE_CLASSES: dict[str, type[SAEBase]] = {
 
 
 def module_from_config(cfg: FactorizerConfig, d_model: int) -> SAEBase:
-    """The module equivalent of a :class:`FactorizerConfig`."""
-    arch, D, d = cfg.architecture, cfg.d_features, int(d_model)
-    scale = cfg.encoder_init_scale
-    if arch in ("topk", "matryoshka_topk"):
-        return TopKSAE(
-            d, D, cfg.native_k, scale, architecture=arch, k_values=cfg.k_values, matryoshka_weights=cfg.matryoshka_weights
-        )
-    if arch == "batch_topk":
-        return BatchTopKSAE(d, D, cfg.native_k, scale, cfg.threshold_momentum)
-    if arch == "jumprelu":
-        return JumpReLUSAE(d, D, scale, cfg.log_threshold_init, cfg.bandwidth)
-    if arch == "gated":
-        return GatedSAE(d, D, scale)
-    return L1ReLUSAE(d, D, scale)
+    """The module equivalent of a :class:`FactorizerConfig`: the reference class of a built-in
+    architecture (its fields read from the config), else the generic :class:`Factorizer`."""
+    cls = MODULE_CLASSES.get(cfg.architecture)
+    if cls is None:
+        return Factorizer(int(d_model), cfg.d_features, cfg)
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in ("d_model", "d_features", "parent", "name") or not field.init:
+            continue
+        kwargs[field.name] = cfg.native_k if field.name == "k" else getattr(cfg, field.name)
+    return cls(int(d_model), cfg.d_features, **kwargs)
 
 
 def build_factorizer(config: Mapping[str, Any] | FactorizerConfig, d_model: int, *, strict: bool = True) -> SAEBase:

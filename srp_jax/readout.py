@@ -9,25 +9,37 @@ norm, clamped below at 1e-8 (the same floor training used)::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import as_float_array, as_index_array, check_last_dim, to_numpy
+from .compile import compiled
 from .errors import ConfigError, ShapeError
 
 ROW_NORM_EPS = 1e-8
 
 
-@jax.jit
-def _center_normalize(rows: jax.Array, row_mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+def center_normalize(rows: jax.Array, row_mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The one centre-and-normalize (pure, traceable): ``(norms (...,), normalized (..., d))``
+    of rows (..., d) about ``row_mean`` (d,), norms clamped below at 1e-8."""
     centered = rows - row_mean
     norms = jnp.maximum(jnp.sqrt(jnp.sum(centered * centered, axis=-1)), ROW_NORM_EPS)
     return norms, centered / norms[..., None]
+
+
+def denormalize_rows(x_hat: jax.Array, row_mean: jax.Array, row_norms: jax.Array) -> jax.Array:
+    """Raw-space rows ``mu + a * x_hat`` (..., d) of normalized-space rows x_hat (..., d) with
+    norms a (...,): the inverse of :func:`center_normalize`, used for every reconstructed
+    ``W_U`` row (decomposition residuals, evaluation logits, the prism penalty)."""
+    return row_mean + row_norms[..., None] * x_hat
+
+
+_center_normalize = compiled(center_normalize)
 
 
 def center_normalize_rows(rows: Any, row_mean: Any) -> tuple[jax.Array, jax.Array]:
@@ -84,22 +96,27 @@ def resolve_row_mean(W: Any, token_mask: Any = None, ckpt: Any = None) -> jax.Ar
     return jnp.mean(W_a, axis=0)
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Readout:
-    """One model's readout rows, prepared once for every consumer.
+    """One model's readout rows, prepared once for every consumer (a registered pytree).
 
     ``W_U`` (V, d) the kept rows (raw), ``row_mean`` (d,), ``row_norms`` (V,),
-    ``rows_normalized`` (V, d), ``row_token_ids`` (V,) int64 vocabulary ids of the kept rows
-    (row v of every array is token ``row_token_ids[v]``), ``softcap`` the model's
+    ``rows_normalized`` (V, d), ``row_token_ids`` (V,) integer vocabulary ids of the kept rows
+    (row v of every array is token ``row_token_ids[v]``); ``softcap`` (static) the model's
     post-readout logit cap (Gemma: 30.0) or None.
+
+    Training data, the train step, evaluation, decomposition and labelling all take a Readout
+    instead of re-deriving the statistics. Arrays are leaves (a Readout passes through
+    ``jit``, ``vmap`` and ``device_put``; on a mesh its rows can be sharded); ``softcap`` is
+    static. ``row_token_ids`` is a leaf too; host-side lookups read it with NumPy.
     """
 
     W_U: jax.Array
     row_mean: jax.Array
     row_norms: jax.Array
     rows_normalized: jax.Array
-    row_token_ids: np.ndarray
-    softcap: float | None = None
+    row_token_ids: Any
+    softcap: float | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def vocab_size(self) -> int:
@@ -140,9 +157,7 @@ class Readout:
             mean = as_float_array(row_mean, name="row_mean", ndim=1)
             check_last_dim("row_mean", mean, W.shape[1], "W_U's d_model")
         norms, normalized = _center_normalize(kept, mean)
-        if softcap is not None and not float(softcap) > 0:
-            raise ShapeError(f"softcap must be a positive number, got {softcap!r}")
-        return cls(kept, mean, norms, normalized, ids.astype(np.int64), None if softcap is None else float(softcap))
+        return cls(kept, mean, norms, normalized, ids.astype(np.int64), _softcap(softcap))
 
     @classmethod
     def for_dictionary(
@@ -191,3 +206,41 @@ class Readout:
                 "(Readout.for_dictionary(W_U, model, rows='all') keeps every vocabulary row)"
             )
         return found
+
+    # ---- views
+    def take(self, positions: Any) -> Readout:
+        """The readout restricted to row ``positions`` (int array, host or device)."""
+        pos = jnp.asarray(positions)
+        ids = np.asarray(self.row_token_ids)[np.asarray(positions)]
+        return self.replace(
+            W_U=self.W_U[pos], row_norms=self.row_norms[pos], rows_normalized=self.rows_normalized[pos], row_token_ids=ids
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """``{row_mean, row_norms, row_token_ids}``: what a dictionary checkpoint records of the
+        readout it was trained on (the reference's checkpoint keys)."""
+        return {
+            "row_mean": self.row_mean,
+            "row_norms": self.row_norms,
+            "row_token_ids": np.asarray(self.row_token_ids, np.int64),
+        }
+
+    def with_softcap(self, softcap: float | None) -> Readout:
+        return self.replace(softcap=_softcap(softcap))
+
+    def __repr__(self) -> str:
+        cap = "" if self.softcap is None else f", softcap={self.softcap:g}"
+        dtype = getattr(self.W_U, "dtype", "?")
+        return f"Readout(rows={self.vocab_size}, d_model={self.d_model}, dtype={dtype}{cap})"
+
+
+def _softcap(softcap: Any) -> float | None:
+    if softcap is None:
+        return None
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise ShapeError(f"softcap must be a positive number, got {softcap!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise ShapeError(f"softcap must be a positive number, got {softcap!r}")
+    return value

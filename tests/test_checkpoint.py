@@ -24,11 +24,10 @@ from srp_jax.checkpoint import (
     decode_value,
     encode_value,
     is_srp_checkpoint,
-    load_dictionary,
     save_dictionary,
 )
 from srp_jax.config import ARCHITECTURES, FactorizerConfig
-from srp_jax.dictionary import Dictionary, load_factorizer
+from srp_jax.dictionary import Dictionary, load_dictionary, load_factorizer
 from srp_jax.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +220,7 @@ def test_restore_onto_a_sharding_in_a_four_device_process(tmp_path):
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from srp_jax.checkpoint import load_dictionary
+        from srp_jax.dictionary import load_dictionary
         mesh = Mesh(np.array(jax.devices()), ("model",))
         plain = load_dictionary({str(tmp_path / 'ck')!r})
         rows = NamedSharding(mesh, P("model", None))

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from _interop_helpers import ARCHS, FIXTURE_PT, assert_same_tree, runner_checkpoint, save_torch  # noqa: E402
 from convert.checkpoints import orbax_to_pt, pt_to_dictionary, pt_to_orbax  # noqa: E402
-from srp_jax.checkpoint import load_dictionary  # noqa: E402
+from srp_jax.dictionary import load_dictionary  # noqa: E402
 from srp_jax.dictionary import load_factorizer  # noqa: E402
 from srp_jax.errors import CheckpointError, ConfigError, MissingKeyError, ShapeError, SrpError, UnexpectedKeyError  # noqa: E402
 

@@ -132,7 +132,7 @@ def test_load_factorizer_hub_spec(offline, monkeypatch):
 
 
 def test_cli_hub_list_and_fetch(offline, tmp_path, capsys, monkeypatch):
-    from srp_jax.checkpoint import load_dictionary
+    from srp_jax.dictionary import load_dictionary
     from srp_jax.cli.main import main
 
     assert main(["hub", "list"]) == 0

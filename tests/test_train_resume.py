@@ -56,7 +56,7 @@ def _run_until(out: Path, stop_step: int, sig: int) -> int:
 
 
 def _params(out: Path) -> dict[str, np.ndarray]:
-    from srp_jax.checkpoint import load_dictionary
+    from srp_jax.dictionary import load_dictionary
 
     d = load_dictionary(out / "checkpoint")
     return {"kernel": np.asarray(d.params["encoder"]["kernel"]), "bias": np.asarray(d.params["encoder"]["bias"]),

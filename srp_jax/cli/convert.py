@@ -59,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
     if (dst.exists() or dst.is_symlink()) and not args.force:
         raise CheckpointError(f"{dst}: already exists (pass --force to replace it)")
     if src_text.startswith("hub:"):
-        from ..hub import fetch_to_checkpoint
+        require_torch(f"converting {src_text}")
+        from convert.checkpoints import hub_to_orbax
 
-        out, src = fetch_to_checkpoint(
+        out, src = hub_to_orbax(
             src_text, dst, repo_id=args.repo_id, revision=args.revision, cache_dir=args.cache_dir,
             force=args.force, dtype=args.dtype or "float32", verify=not args.no_verify,
         )

@@ -75,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if (out.exists() or out.is_symlink()) and not args.force:
             raise CheckpointError(f"{out}: already exists (pass --force to replace it)")
-        out, src = hub.fetch_to_checkpoint(
+        from .._lazy import require_torch
+
+        require_torch(f"converting hub:{args.spec}")
+        from convert.checkpoints import hub_to_orbax
+
+        out, src = hub_to_orbax(
             args.spec, out, repo_id=args.repo_id, revision=args.revision, cache_dir=args.cache_dir,
             force=args.force, dtype=args.dtype, verify=not args.no_verify,
         )

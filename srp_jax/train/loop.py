@@ -35,8 +35,10 @@ from .. import factorizers as F
 from .._atomic import write_text_atomic
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError
-from .step import StepSpec, TrainData, make_optimizer, train_step_jit
+from .compiled import compile_training
+from .sampling import TrainData
 from .state import TrainState, init_train_state
+from .step import StepSpec, make_optimizer
 
 STATE_DIR = "train_state"
 CHECKPOINT_DIR = "checkpoint"
@@ -173,7 +175,7 @@ def _restore(manager, template: TrainState, directory: Path) -> tuple[TrainState
     step = manager.latest_step()
     if step is None:
         return None
-    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), template)
+    abstract = template  # jax.ShapeDtypeStruct leaves (jax.eval_shape of the initialiser)
     try:
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
@@ -208,20 +210,27 @@ def run_training(
     weights = row_sampling_weights(dataset, tcfg.row_sampling)
     spec = StepSpec.build(fcfg, tcfg, dataset.d_model, dataset.hidden_train.shape[0], dataset.top_targets.shape[1])
     data = TrainData.from_dataset(dataset, weights, spec.prism_ranks)
-    optimizer = make_optimizer(tcfg)
-    state = init_train_state(cfg.init_seed, fcfg, tcfg, dataset.d_model, optimizer, dataset.rows_normalized, weights)
+    optimizer = make_optimizer(tcfg)  # built once: the step and the state share it
+    fns = compile_training(spec, optimizer)
+
+    def fresh_state() -> TrainState:
+        return init_train_state(cfg.init_seed, fcfg, tcfg, dataset.d_model, optimizer, dataset.rows_normalized, weights)
+
     history: list[dict[str, Any]] = []
     elapsed_prev = 0.0
     manager = None
+    state = None
     if out_dir is not None:
         state_dir = Path(out_dir) / STATE_DIR
         manager = _manager(state_dir)
-        restored = _restore(manager, state, state_dir)
+        restored = _restore(manager, jax.eval_shape(fresh_state), state_dir)
         if restored is not None:
             state, extra = restored
             history = list(extra.get("history", []))
             elapsed_prev = float(extra.get("elapsed_seconds", 0.0))
             log(f"[resume] {Path(out_dir).name}: step {int(state.step)}/{tcfg.steps} ({elapsed_prev:.1f}s already)")
+    if state is None:
+        state = fresh_state()
     start = int(state.step)
     steps = tcfg.steps
     progress = progress or Progress(steps)
@@ -234,7 +243,8 @@ def run_training(
         with _stop_signals() as caught:
             progress.start(start)
             for step in range(start + 1, steps + 1):
-                state, metrics = train_step_jit(spec, state, data)
+                batch = fns.sample(data, state.rng, state.step + 1)
+                state, metrics = fns.step(state, batch)
                 if step == 1 or step % tcfg.log_every == 0 or step == steps:
                     row = {
                         "step": step,
@@ -442,7 +452,7 @@ def train(
     if cfg.artifacts.save_checkpoint:
         save_dictionary(dictionary, out / CHECKPOINT_DIR, force=True)
     if want_pt:
-        from .._lazy import dictionary_to_pt
+        from convert.checkpoints import dictionary_to_pt  # torch was required above
 
         dictionary_to_pt(dictionary, out / "checkpoint.pt", force=True)
     if cfg.artifacts.report_path:
@@ -463,8 +473,11 @@ def train(
 
 def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:
     """``--export-pt`` on a finished run: write ``checkpoint.pt`` from its saved dictionary."""
-    from .._lazy import dictionary_to_pt
-    from ..checkpoint import load_dictionary
+    from .._lazy import require_torch
+
+    require_torch(f"writing {out / 'checkpoint.pt'}")
+    from convert.checkpoints import dictionary_to_pt
+    from ..dictionary import load_dictionary
 
     if not (out / CHECKPOINT_DIR).is_dir():
         raise CheckpointError(

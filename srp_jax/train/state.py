@@ -45,7 +45,7 @@ def controller_coeff_max(fcfg: FactorizerConfig, tcfg: TrainingConfig) -> float:
     c = tcfg.l0_controller
     if c.coeff_max is not None:
         return float(c.coeff_max)
-    return 0.01 if fcfg.architecture == "jumprelu" else 0.05
+    return float(fcfg.arch.controller_coeff_max)
 
 
 def init_params(

@@ -1,8 +1,12 @@
-"""The one pure training step (jitted with a static :class:`StepSpec`).
+"""The one pure training step: ``train_step(state, batch) -> (state, metrics)``.
 
-Per step (the shipped reference's order, training-and-checkpoints.md §1.3-1.6):
+``make_train_step(spec)`` builds it for a static :class:`StepSpec` (the optimizer is built
+there, once); :mod:`srp_jax.train.sampling` draws the batch outside it and
+:func:`srp_jax.compile.compile_step` jits it with the state donated. Per step (the shipped
+reference's order, training-and-checkpoints.md §1.3-1.6):
 
-1. draw B row positions i.i.d. from the row-sampling distribution, x = rows_normalized[idx];
+1. (sampling) B row positions i.i.d. from the row-sampling distribution, x = rows_normalized[idx],
+   and the prism batch;
 2. reconstruction MSE (matryoshka: weighted over k_values) via ``factorizers.reconstruction_loss``;
 3. the L0 controller update (jumprelu / l1_relu, when enabled) from this step's measured L0;
 4. loss = rec + sparsity terms + lambda_t * prism + code_l2 * mean(z^2) [+ auxk_coeff * AuxK];
@@ -10,8 +14,9 @@ Per step (the shipped reference's order, training-and-checkpoints.md §1.3-1.6):
    parameter);
 6. decoder rows renormalised to unit norm (every architecture except jumprelu).
 
-Every random draw comes from ``fold_in(state.rng, step)``: a run resumed at any step replays
-exactly the draws an uninterrupted run makes, so the final parameters are bitwise equal.
+Every random draw comes from ``fold_in(state.rng, step)`` (in the sampler): a run resumed at
+any step replays exactly the draws an uninterrupted run makes, so the final parameters are
+bitwise equal.
 """
 
 from __future__ import annotations
@@ -19,15 +24,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from .. import factorizers as F
-from ..config import K_ARCHITECTURES, FactorizerConfig, TrainingConfig
+from ..config import FactorizerConfig, TrainingConfig
 from ..errors import ConfigError
+from ..readout import denormalize_rows
+from .sampling import Batch, PrismBatch, TrainData, sample_batch, sample_prism_batch, sample_row_indices
 from .schedules import learning_rate, optax_lr_schedule, prism_weight
 from .state import TrainState, controller_coeff_max
 
@@ -52,10 +57,10 @@ class StepSpec:
 
     @classmethod
     def build(cls, factorizer: FactorizerConfig, training: TrainingConfig, d_model: int, n_hidden: int, n_targets: int = 8):
-        if training.auxk_coeff > 0 and factorizer.architecture not in K_ARCHITECTURES:
+        if training.auxk_coeff > 0 and not factorizer.arch.uses_k:
             raise ConfigError(
-                f"training.auxk_coeff > 0 needs a TopK-family architecture ({', '.join(K_ARCHITECTURES)}), "
-                f"got {factorizer.architecture!r}"
+                "training.auxk_coeff > 0 needs an architecture with a k budget (topk, matryoshka_topk, "
+                f"batch_topk), got {factorizer.architecture!r}"
             )
         ranks = max(1, min(training.prism_top_n, n_targets))
         auxk_k = training.auxk_k if training.auxk_k is not None else max(1, int(d_model) // 2)
@@ -75,37 +80,7 @@ class StepSpec:
 
     @property
     def controller_on(self) -> bool:
-        return self.training.l0_controller.enabled and self.factorizer.architecture in ("jumprelu", "l1_relu")
-
-
-@flax.struct.dataclass
-class TrainData:
-    """Device arrays the step reads: ``rows_normalized`` (V, d), ``W_U`` (V, d) raw kept rows,
-    ``row_mean`` (d,), ``row_norms`` (V,), ``hidden`` (N, d) train hidden states,
-    ``top_targets`` (N, P) int32 row positions, ``sample_logits`` (V,) log sampling weights."""
-
-    rows_normalized: jax.Array
-    W_U: jax.Array
-    row_mean: jax.Array
-    row_norms: jax.Array
-    hidden: jax.Array
-    top_targets: jax.Array
-    sample_logits: jax.Array
-
-    @classmethod
-    def from_dataset(cls, dataset: Any, sample_weights: Any, prism_ranks: int = 1) -> TrainData:
-        targets = np.asarray(dataset.top_targets)
-        targets = targets[:, : max(1, min(prism_ranks, targets.shape[1] if targets.ndim == 2 else 1))]
-        w = np.asarray(sample_weights, np.float64)
-        return cls(
-            rows_normalized=jnp.asarray(dataset.rows_normalized, jnp.float32),
-            W_U=jnp.asarray(dataset.W_U, jnp.float32),
-            row_mean=jnp.asarray(dataset.row_mean, jnp.float32),
-            row_norms=jnp.asarray(dataset.row_norms, jnp.float32),
-            hidden=jnp.asarray(dataset.hidden_train, jnp.float32),
-            top_targets=jnp.asarray(targets, jnp.int32),
-            sample_logits=jnp.asarray(np.log(np.maximum(w, 1e-300)), jnp.float32),
-        )
+        return self.training.l0_controller.enabled and self.factorizer.arch.l0_controller
 
 
 def make_optimizer(training: TrainingConfig) -> optax.GradientTransformation:
@@ -120,9 +95,19 @@ def make_optimizer(training: TrainingConfig) -> optax.GradientTransformation:
     )
 
 
-def sample_row_indices(key: jax.Array, sample_logits: jax.Array, batch: int) -> jax.Array:
-    """B row positions drawn i.i.d. with replacement from softmax(sample_logits) (= the weights)."""
-    return jax.random.categorical(key, sample_logits, shape=(batch,))
+def prism_loss(
+    fcfg: FactorizerConfig, params: F.Params, buffers: F.Buffers, prism: PrismBatch, k: int
+) -> tuple[jax.Array, F.Buffers]:
+    """The prism penalty: mean_j [h_j . r_t / max(|h_j . w_t|, 1e-5)]^2.
+
+    r_t = w_t - (row_mean + a_t * xhat_t), xhat_t the current (training-mode) reconstruction
+    of the target's normalized row. Returns (loss, buffers).
+    """
+    out = F.forward(fcfg, params, buffers, prism.x, k, train=True)
+    recon_w = denormalize_rows(out.reconstruction, prism.row_mean, prism.a)
+    residual = jnp.sum(prism.h * (prism.w - recon_w), axis=-1)
+    original = jnp.maximum(jnp.abs(jnp.sum(prism.h * prism.w, axis=-1)), PRISM_DENOM_EPS)
+    return jnp.mean(jnp.square(residual / original)), out.buffers
 
 
 def selected_prism_loss(
@@ -134,24 +119,9 @@ def selected_prism_loss(
     batch: int,
     k: int,
 ) -> tuple[jax.Array, F.Buffers]:
-    """The prism penalty: mean_j [h_j . r_t / max(|h_j . w_t|, 1e-5)]^2.
-
-    h_j uniform (with replacement) over the train hidden states, t = top_targets[h_j, rank_j]
-    with rank_j uniform in [0, P); r_t = w_t - (row_mean + row_norms[t] * xhat_t) with xhat_t
-    the current (training-mode) reconstruction of rows_normalized[t]. Returns (loss, buffers).
-    """
-    k_h, k_r = jax.random.split(key)
-    n_hidden, n_ranks = data.top_targets.shape
-    h_idx = jax.random.randint(k_h, (batch,), 0, n_hidden)
-    rank = jax.random.randint(k_r, (batch,), 0, n_ranks)
-    tok = data.top_targets[h_idx, rank]
-    out = F.forward(fcfg, params, buffers, data.rows_normalized[tok], k, train=True)
-    recon_w = data.row_mean[None, :] + data.row_norms[tok][:, None] * out.reconstruction
-    w = data.W_U[tok]
-    h = data.hidden[h_idx]
-    residual = jnp.sum(h * (w - recon_w), axis=-1)
-    original = jnp.maximum(jnp.abs(jnp.sum(h * w, axis=-1)), PRISM_DENOM_EPS)
-    return jnp.mean(jnp.square(residual / original)), out.buffers
+    """:func:`prism_loss` on a prism batch drawn from ``data`` with ``key`` (see
+    :func:`srp_jax.train.sampling.sample_prism_batch`)."""
+    return prism_loss(fcfg, params, buffers, sample_prism_batch(key, data, batch), k)
 
 
 def controller_update(spec: StepSpec, controller: dict, step_l0: jax.Array, step: jax.Array) -> dict:
@@ -185,92 +155,113 @@ def auxk_loss(params: F.Params, x: jax.Array, recon: jax.Array, dead: jax.Array,
     return jnp.where(jnp.any(dead), jnp.mean(jnp.square(e_hat - e)) / denom, 0.0)
 
 
-def train_step(spec: StepSpec, state: TrainState, data: TrainData) -> tuple[TrainState, dict]:
-    """One update. Pure: (state, data) -> (new state, scalar metrics)."""
+def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | None = None):
+    """The pure update ``train_step(state, batch) -> (state, metrics)`` for ``spec``.
+
+    ``optimizer`` defaults to :func:`make_optimizer` (built here, once); the state's
+    ``opt_state`` must come from the same optimizer. ``batch`` is a
+    :class:`~srp_jax.train.sampling.Batch` from :func:`sample_batch_for`.
+    """
     fcfg, tcfg = spec.factorizer, spec.training
-    arch = fcfg.architecture
-    step = state.step + 1
-    key = jax.random.fold_in(state.rng, step)
-    k_rows, k_prism = jax.random.split(key)
-    idx = sample_row_indices(k_rows, data.sample_logits, tcfg.batch_size)
-    x = data.rows_normalized[idx]
-    lam = prism_weight(tcfg, step)
-    dead = state.since_fired >= tcfg.auxk_dead_steps
-    zero = jnp.zeros((), jnp.float32)
+    arch = fcfg.arch
+    optimizer = make_optimizer(tcfg) if optimizer is None else optimizer
 
-    def loss_fn(params):
-        terms = F.reconstruction_loss(fcfg, params, state.buffers, x, spec.k, train=True)
-        code = terms.code
-        step_l0 = jax.lax.stop_gradient(jnp.mean(jnp.sum((code > 0).astype(jnp.float32), axis=-1)))
-        controller = state.controller
-        if spec.controller_on:
-            controller = controller_update(spec, controller, step_l0, step)
-        loss = terms.rec
-        if arch == "jumprelu":
-            loss = loss + (controller["coeff"] if spec.controller_on else tcfg.l0_coeff) * terms.aux
-        elif arch == "l1_relu":
-            loss = loss + (controller["coeff"] if spec.controller_on else tcfg.l1_coeff) * terms.aux
-        elif arch == "gated":
-            loss = loss + tcfg.gate_l1_coeff * terms.aux + tcfg.gated_aux_coeff * terms.aux_recon_mse
-        buffers = terms.buffers
-        prism = zero
-        if spec.prism_on:
-            prism, buffers = selected_prism_loss(fcfg, params, buffers, data, k_prism, spec.prism_batch, spec.k)
-            loss = loss + lam * prism
-        if tcfg.code_l2 > 0:
-            loss = loss + tcfg.code_l2 * jnp.mean(jnp.square(code))
-        aux_k = zero
-        if tcfg.auxk_coeff > 0:
-            aux_k = auxk_loss(params, x, F.decode(params, code), dead, spec.auxk_k)
-            loss = loss + tcfg.auxk_coeff * aux_k
-        fired = jnp.any(code > 0, axis=0)
-        extras = {
-            "rec": terms.rec, "prism": prism, "aux": terms.aux, "auxk": aux_k, "step_l0": step_l0,
-            "controller": controller, "buffers": buffers, "fired": fired,
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        step = state.step + 1
+        x = batch.x
+        lam = prism_weight(tcfg, step)
+        dead = state.since_fired >= tcfg.auxk_dead_steps
+        zero = jnp.zeros((), jnp.float32)
+
+        def loss_fn(params):
+            terms = F.reconstruction_loss(fcfg, params, state.buffers, x, spec.k, train=True)
+            code = terms.code
+            step_l0 = jax.lax.stop_gradient(F.active_count(code))
+            controller = state.controller
+            if spec.controller_on:
+                controller = controller_update(spec, controller, step_l0, step)
+            loss = terms.rec
+            penalty = arch.sparsity_penalty(tcfg, terms, controller["coeff"] if spec.controller_on else None)
+            if penalty is not None:
+                loss = loss + penalty
+            buffers = terms.buffers
+            prism = zero
+            if spec.prism_on and batch.prism is not None:
+                prism, buffers = prism_loss(fcfg, params, buffers, batch.prism, spec.k)
+                loss = loss + lam * prism
+            if tcfg.code_l2 > 0:
+                loss = loss + tcfg.code_l2 * jnp.mean(jnp.square(code))
+            aux_k = zero
+            if tcfg.auxk_coeff > 0:
+                aux_k = auxk_loss(params, x, F.decode(params, code), dead, spec.auxk_k)
+                loss = loss + tcfg.auxk_coeff * aux_k
+            fired = jnp.any(code > 0, axis=0)
+            extras = {
+                "rec": terms.rec, "prism": prism, "aux": terms.aux, "auxk": aux_k, "step_l0": step_l0,
+                "controller": controller, "buffers": buffers, "fired": fired,
+            }
+            return loss, extras
+
+        (loss, ex), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if arch.renormalize_decoder:
+            params = F.normalize_decoder(params)
+        since_fired = jnp.where(ex["fired"], 0, state.since_fired + 1).astype(jnp.int32)
+        in_window = step >= tcfg.steps - L0_TRAIN_WINDOW
+        new_state = state.replace(
+            params=params,
+            opt_state=opt_state,
+            buffers=ex["buffers"],
+            step=step.astype(jnp.int32),
+            controller=ex["controller"],
+            since_fired=since_fired,
+            l0_sum=state.l0_sum + jnp.where(in_window, ex["step_l0"], 0.0),
+            l0_count=state.l0_count + in_window.astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "reconstruction_loss": ex["rec"],
+            "prism_loss": ex["prism"],
+            "aux_loss": ex["aux"],
+            "auxk_loss": ex["auxk"],
+            "mean_l0": ex["step_l0"],
+            "lr": learning_rate(tcfg, step),
+            "lambda_prism": lam,
+            "grad_norm": optax.tree.norm(grads),
+            "dead_fraction": jnp.mean((since_fired >= tcfg.auxk_dead_steps).astype(jnp.float32)),
+            "l0_coeff": ex["controller"]["coeff"],
         }
-        return loss, extras
+        return new_state, metrics
 
-    (loss, ex), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    optimizer = make_optimizer(tcfg)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if arch != "jumprelu":
-        params = F.normalize_decoder(params)
-    since_fired = jnp.where(ex["fired"], 0, state.since_fired + 1).astype(jnp.int32)
-    in_window = step >= tcfg.steps - L0_TRAIN_WINDOW
-    new_state = state.replace(
-        params=params,
-        opt_state=opt_state,
-        buffers=ex["buffers"],
-        step=step.astype(jnp.int32),
-        controller=ex["controller"],
-        since_fired=since_fired,
-        l0_sum=state.l0_sum + jnp.where(in_window, ex["step_l0"], 0.0),
-        l0_count=state.l0_count + in_window.astype(jnp.int32),
+    return train_step
+
+
+def sample_batch_for(spec: StepSpec, data: TrainData, rng: jax.Array, step: Any) -> Batch:
+    """The batch of update ``step`` for ``spec`` (no prism batch when the prism term is off)."""
+    return sample_batch(
+        data, rng, step, batch_size=spec.training.batch_size, prism_batch=spec.prism_batch if spec.prism_on else 0
     )
-    metrics = {
-        "loss": loss,
-        "reconstruction_loss": ex["rec"],
-        "prism_loss": ex["prism"],
-        "aux_loss": ex["aux"],
-        "auxk_loss": ex["auxk"],
-        "mean_l0": ex["step_l0"],
-        "lr": learning_rate(tcfg, step),
-        "lambda_prism": lam,
-        "grad_norm": optax.tree.norm(grads),
-        "dead_fraction": jnp.mean((since_fired >= tcfg.auxk_dead_steps).astype(jnp.float32)),
-        "l0_coeff": ex["controller"]["coeff"],
-    }
-    return new_state, metrics
 
 
-train_step_jit = jax.jit(train_step, static_argnums=0)
+def train_step(spec: StepSpec, state: TrainState, data: TrainData) -> tuple[TrainState, dict]:
+    """Sample the next batch from ``data`` and apply one update (the composed form of
+    :func:`sample_batch_for` and :func:`make_train_step`; kept for callers of the old API)."""
+    return make_train_step(spec)(state, sample_batch_for(spec, data, state.rng, state.step + 1))
+
+
+train_step_jit = jax.jit(train_step, static_argnums=0)  # no donation: callers keep their state
 
 
 __all__ = [
     "StepSpec",
     "TrainData",
+    "Batch",
+    "PrismBatch",
     "make_optimizer",
+    "make_train_step",
+    "sample_batch_for",
+    "prism_loss",
     "selected_prism_loss",
     "sample_row_indices",
     "controller_update",

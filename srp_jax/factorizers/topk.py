@@ -1,0 +1,56 @@
+"""TopK (``topk``) and Matryoshka TopK (``matryoshka_topk``): ReLU, then the k largest per row.
+
+``z = TopK_k(ReLU(x W + b))``: zeros outside the top k, ``k >= D`` the dense ReLU, k 0/None
+the trained k. Matryoshka shares the encoder and trains on the weighted mean of the MSEs at
+several budgets ``k_values`` (weights ``matryoshka_weights``; all ones when the lengths differ).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import kernels as K
+from .base import Architecture, LossTerms, Option, float_tuple_option, int_tuple_option
+from .registry import register
+
+
+class TopK(Architecture):
+    name = "topk"
+    uses_k = True
+    at_most_k_active = True
+
+    def encode(self, cfg, params, buffers, x, k):
+        return K.topk_mask(jax.nn.relu(K.pre_activation(params, x)), cfg.resolve_k(k))
+
+
+class MatryoshkaTopK(TopK):
+    name = "matryoshka_topk"
+    options = {
+        "k_values": Option((), int_tuple_option(minimum=1), "the nested budgets of the loss"),
+        "matryoshka_weights": Option((), float_tuple_option(), "one weight per k_values entry"),
+    }
+
+    @staticmethod
+    def loss_k_values(cfg) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(k_values, weights); weights of mismatched length become all ones."""
+        ks, ws = cfg.k_values, cfg.matryoshka_weights
+        return ks, (ws if len(ws) == len(ks) else tuple(1.0 for _ in ks))
+
+    def reconstruction_loss(self, cfg, params, buffers, x, k, train):
+        """sum_j w_j MSE(recon at k_j, x) / sum_j w_j, with the code of the last k_j and aux 0;
+        a plain TopK loss at ``k`` when no ``k_values`` are configured."""
+        ks, ws = self.loss_k_values(cfg)
+        if not ks:
+            return super().reconstruction_loss(cfg, params, buffers, x, k, train)
+        zero = jnp.zeros((), jnp.float32)
+        total = zero
+        out = None
+        for kj, wj in zip(ks, ws):
+            out = self.forward(cfg, params, buffers, x, kj, train)
+            total = total + wj * K.mse(out.reconstruction, x)
+        return LossTerms(total / sum(ws), out.code, zero, zero, out.mean_l0, out.buffers)
+
+
+register(TopK())
+register(MatryoshkaTopK())
