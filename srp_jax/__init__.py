@@ -12,12 +12,7 @@ The reference-parity names (``load_factorizer``, ``preprocess_rows``, ``decompos
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
-
-try:
-    __version__ = _metadata.version("srp-jax")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    __version__ = "0.0.0+unknown"
+from ._version import __version__
 
 from . import factorizers, hub, metrics
 from .checkpoint import is_srp_checkpoint, save_dictionary

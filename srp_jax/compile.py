@@ -17,9 +17,13 @@ import jax
 
 
 def compiled(
-    fn: Callable | None = None, *, static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = ()
+    fn: Callable | None = None,
+    *,
+    static_argnums: int | Sequence[int] | None = None,
+    static_argnames: str | Sequence[str] | None = None,
 ):
-    """``jax.jit`` for library kernels (decorator or call); configs and k are static."""
+    """``jax.jit`` for library kernels (decorator or call); configs and k are static
+    (names and positions are inferred from each other, as ``jax.jit`` does)."""
 
     def wrap(f: Callable) -> Callable:
         return jax.jit(f, static_argnums=static_argnums, static_argnames=static_argnames)

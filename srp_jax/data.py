@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import to_numpy
+from ._lazy import read_pt
+from .compile import compiled
 from .config import DataConfig, RunConfig, parse_row_sampling, validate_sampling_mode
-from .errors import CheckpointError, ConfigError, ShapeError
+from .errors import CheckpointError, ConfigError, DependencyError, MissingKeyError, ShapeError
 from .readout import Readout, preprocess_rows
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -53,8 +54,6 @@ def read_payload(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: no such payload file")
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth", ".bin"):
-        from ._lazy import read_pt
-
         raw: Mapping[str, Any] = read_pt(path)
     elif suffix == ".npz":
         try:
@@ -66,9 +65,7 @@ def read_payload(path: str | os.PathLike) -> dict[str, np.ndarray]:
         try:
             from safetensors.numpy import load_file
         except ImportError:
-            from .errors import DependencyError
-
-            raise DependencyError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from None
+                raise DependencyError(f"reading {path} needs the 'safetensors' package: pip install safetensors") from None
         try:
             raw = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
@@ -109,8 +106,6 @@ def payload_from_mapping(raw: Mapping[str, Any], *, source: str = "payload") -> 
         W = raw.get("W_U")
     h = raw.get("h_LN")
     if W is None or h is None:
-        from .errors import MissingKeyError
-
         raise MissingKeyError(f"{source} must contain W_U_orig (or W_U) and h_LN; found keys: {sorted(raw)}")
     W_np = to_numpy(W, name=f"{source}[W_U]").astype(np.float32)
     h_np = to_numpy(h, name=f"{source}[h_LN]").astype(np.float32)
@@ -192,7 +187,7 @@ def split_hidden(
 # Top targets and row subsets
 
 
-@partial(jax.jit, static_argnums=(2,))
+@compiled(static_argnums=(2,))
 def _top_ids(h: jax.Array, W: jax.Array, top_n: int) -> jax.Array:
     logits = jnp.matmul(h, W.T, precision=HIGHEST)
     return jax.lax.top_k(logits, top_n)[1]

@@ -377,3 +377,6 @@ def _load_from_location(location, *, d_model, factorizer_config) -> Dictionary:
         raise CheckpointError(f"{path}: no such file or directory")
     ckpt = read_pt(path)
     return Dictionary.from_checkpoint_dict(ckpt, d_model=d_model, factorizer_config=factorizer_config, source=str(path))
+
+
+__all__ = ["Dictionary", "inference_view", "load_dictionary", "save_dictionary", "load_factorizer", "resolve_device"]

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._arrays import as_float_array
+from .decompose import build_query_weights, decompose_query
 from .errors import ConfigError, ShapeError
 
 REASONS = ("ok", "sign_flip", "residual_share", "tiny_margin")
@@ -188,12 +190,8 @@ def explain(
 
     ``logits`` (V,) default to h . W_U (float32); the winner kinds rank them.
     """
-    from .decompose import build_query_weights, decompose_query
-
     rule = gate_rule(preset, **gate_overrides)
     if logits is None and query_kind in ("winner_vs_topk", "winner_vs_rank"):
-        from ._arrays import as_float_array
-
         logits = jnp.matmul(
             as_float_array(W_U, name="W_U", ndim=2), as_float_array(h, name="h", ndim=1),
             precision=jax.lax.Precision.HIGHEST,

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import HubError
+from .errors import CheckpointError, DependencyError, HubError
 
 DEFAULT_REPO_ID = "matteohe/sparse-readout-prism"
 ALTERNATE_REPO_ID = "hematteo/sparse-readout-prism"
@@ -147,8 +147,6 @@ def verify_entry(dictionary: Any, entry: RegistryEntry, *, source: str | os.Path
     """Check a fetched dictionary against its registry entry (architecture, d_model,
     d_features, k): a file that disagrees is another dictionary (a wrong repo, revision or
     cache file), reported as a CheckpointError naming every mismatch."""
-    from .errors import CheckpointError
-
     got = {
         "architecture": dictionary.architecture,
         "d_model": int(dictionary.d_model),
@@ -254,8 +252,6 @@ def fetch_checkpoint(
         from huggingface_hub import errors as hf_errors
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - a core dependency
-        from .errors import DependencyError
-
         raise DependencyError(f"Hub downloads need huggingface_hub: pip install huggingface_hub ({exc})") from None
 
     def _download(local_only: bool) -> Path:

@@ -39,9 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import factorizers as F
+from .compile import compiled
 from ._arrays import as_float_array, check_last_dim
 from .config import EvaluationConfig, resolve_eval_k
+from .dictionary import inference_view
 from .errors import ConfigError, ShapeError
+from .readout import denormalize_rows
 
 HIGHEST = jax.lax.Precision.HIGHEST
 LN2 = math.log(2.0)
@@ -61,11 +64,24 @@ def row_centered_ev(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     """rowEV = 1 - sum (x - x_hat)^2 / max(sum x^2, 1e-12) over all rows and dims.
 
     x, x_hat: (V, d) normalized rows and their reconstructions. No mean subtraction and no
-    row weighting ("centered" refers to the row-mean removal done in preprocessing).
+    row weighting ("centered" refers to the row-mean removal done in preprocessing). Composed
+    of :func:`row_ev_parts` and :func:`row_ev_from_sums`, the two halves ``evaluate`` uses
+    block by block.
     """
-    num = jnp.sum(jnp.square(x - x_hat))
-    den = jnp.maximum(jnp.sum(jnp.square(x)), 1e-12)
-    return 1.0 - num / den
+    res_sq, x_sq = row_ev_parts(x, x_hat)
+    return row_ev_from_sums(jnp.sum(res_sq), jnp.sum(x_sq))
+
+
+def row_ev_parts(x: jax.Array, x_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row ``(sum_d (x - x_hat)^2, sum_d x^2)``, each (V,): rowEV's numerator and
+    denominator before they are summed over rows (so blocks of rows can be summed apart)."""
+    return jnp.sum(jnp.square(x - x_hat), axis=-1), jnp.sum(jnp.square(x), axis=-1)
+
+
+def row_ev_from_sums(res_sq_total: Any, x_sq_total: Any) -> Any:
+    """rowEV from the row totals of :func:`row_ev_parts`: 1 - res / max(x_sq, 1e-12) (works
+    on jnp scalars and on host floats, e.g. float64 sums of float32 blocks)."""
+    return 1.0 - res_sq_total / (jnp.maximum(x_sq_total, 1e-12) if isinstance(x_sq_total, jax.Array) else max(x_sq_total, 1e-12))
 
 
 def row_cosine(x: jax.Array, x_hat: jax.Array, eps: float = COSINE_EPS) -> jax.Array:
@@ -82,21 +98,21 @@ def softcap_logits(logits: jax.Array, cap: float | None) -> jax.Array:
     return cap * jnp.tanh(logits / cap)
 
 
-def kl_bits(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
-    """Per-row KL(P || Q) in bits, P = softmax(logits_p) (original), Q = softmax(logits_q).
+def kl_nats(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """Per-row KL(P || Q) in nats, P = softmax(logits_p) (original), Q = softmax(logits_q).
 
     (N, V), (N, V) -> (N,), computed in the inputs' dtype (cast to float64 first, under
-    ``jax.enable_x64``, for the full-mode protocol).
+    ``jax.enable_x64``, for the full-mode protocol). ``evaluate`` averages nats, then
+    converts (the reference's order).
     """
     logp = jax.nn.log_softmax(logits_p, axis=-1)
     logq = jax.nn.log_softmax(logits_q, axis=-1)
-    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1) / LN2
-
-
-def _kl_nats(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits_p, axis=-1)
-    logq = jax.nn.log_softmax(logits_q, axis=-1)
     return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+def kl_bits(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """Per-row KL(P || Q) in bits: :func:`kl_nats` / ln 2."""
+    return kl_nats(logits_p, logits_q) / LN2
 
 
 def top1_match(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
@@ -147,8 +163,7 @@ def identity_abs_error(
     contrib: jax.Array,
 ) -> jax.Array:
     """|h·w − (h·μ + Σ contrib + h·r)| per pair (B,), with r = w − μ − a ⊙ decoded (round-off only)."""
-    reconstructed = row_mean[None, :] + row_norms[:, None] * decoded
-    residual = W_rows - reconstructed
+    residual = W_rows - denormalize_rows(decoded, row_mean, row_norms)
     base = jnp.sum(hidden * row_mean[None, :], axis=-1)
     feature_sum = jnp.sum(contrib, axis=-1)
     residual_term = jnp.sum(hidden * residual, axis=-1)
@@ -212,7 +227,7 @@ def usage_stats(
     }
 
 
-@partial(jax.jit, static_argnames=("threshold", "chunk"))
+@compiled(static_argnames=("threshold", "chunk"))
 def _duplicate_flags(decoder: jax.Array, threshold: float, chunk: int) -> jax.Array:
     """(D,) bool: max cosine to another decoder row >= threshold, in blocks of ``chunk`` rows."""
     d_norm = F.normalize_rows(decoder)
@@ -367,11 +382,12 @@ def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
         code = F.encode(cfg, params, buffers, x, k)
         recon = F.decode(params, code)
         active = (code > 0) & valid[:, None]
+        res_sq, x_sq = row_ev_parts(x, recon)
         rows = {
             "recon": recon,
             "l0": jnp.sum(active, axis=1, dtype=jnp.int32),
-            "res_sq": jnp.sum(jnp.square(x - recon), axis=-1),
-            "x_sq": jnp.sum(jnp.square(x), axis=-1),
+            "res_sq": res_sq,
+            "x_sq": x_sq,
             "cos": row_cosine(x, recon),
         }
         return rows, {"usage": jnp.sum(active, axis=0, dtype=jnp.int32)}
@@ -381,10 +397,10 @@ def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
     return rows, blocks["usage"]
 
 
-@partial(jax.jit, static_argnames=("cfg", "k", "row_batch"))
+@compiled(static_argnames=("cfg", "k", "row_batch"))
 def _reconstruct_jit(cfg, params, buffers, X, A, mu, k, row_batch):
     rows, usage = _reconstruct_all(cfg, params, buffers, X, k, row_batch)
-    recon_W = mu[None, :] + A[:, None] * rows["recon"]
+    recon_W = denormalize_rows(rows["recon"], mu, A)
     return rows["recon"], recon_W, usage, rows["l0"]
 
 
@@ -406,7 +422,7 @@ def reconstruct_rows(
         raise ShapeError(f"row_norms has {a.shape[0]} entries but rows_normalized has {x.shape[0]} rows")
     if x.shape[0] == 0:
         raise ShapeError("rows_normalized has no rows")
-    F.check_ready(dictionary.config, dictionary.buffers)
+    inference_view(dictionary)
     recon_x, recon_W, usage, l0 = _reconstruct_jit(
         dictionary.config, dictionary.params, dictionary.buffers, x, a, mu, dictionary.config.resolve_k(k), row_batch
     )
@@ -428,13 +444,10 @@ def _logit_stats(h, W, recon_W, overlap_k, softcap, wide):
     cr = softcap_logits(lr, softcap)
     if wide:
         co, cr = co.astype(jnp.float64), cr.astype(jnp.float64)
-    kk = min(int(overlap_k), W.shape[0])
-    _, ip = jax.lax.top_k(co, kk)
-    _, iq = jax.lax.top_k(cr, kk)
     return {
-        "kl_nats": _kl_nats(co, cr),
+        "kl_nats": kl_nats(co, cr),
         "top1": top1_match(co, cr),
-        "hits": jnp.sum(ip[:, :, None] == iq[:, None, :], axis=(1, 2)),
+        "overlap": topk_overlap(co, cr, overlap_k),
         "t_star": t_star.astype(jnp.int32),
         "orig_top": orig_top,
         "rec_top": rec_top,
@@ -443,17 +456,14 @@ def _logit_stats(h, W, recon_W, overlap_k, softcap, wide):
     }
 
 
-@partial(
-    jax.jit,
-    static_argnames=("cfg", "k", "row_batch", "hidden_batch", "overlap_k", "top_c", "use_cap", "wide", "clamp"),
-)
+@compiled(static_argnames=("cfg", "k", "row_batch", "hidden_batch", "overlap_k", "top_c", "use_cap", "wide", "clamp"))
 def _evaluate_core(
     cfg, params, buffers, W, X, A, mu, H, cap, *, k, row_batch, hidden_batch, overlap_k, top_c, use_cap, wide, clamp
 ):
     """Everything array-heavy of ``evaluate`` as one jitted program (blocks via ``lax.map``)."""
     rows, usage = _reconstruct_all(cfg, params, buffers, X, k, row_batch)
     norms = jnp.maximum(A, 1e-8) if clamp else A
-    recon_W = mu[None, :] + norms[:, None] * rows.pop("recon")
+    recon_W = denormalize_rows(rows.pop("recon"), mu, norms)
     N = H.shape[0]
     hb = max(1, min(int(hidden_batch), N))
     softcap = cap if use_cap else None
@@ -580,7 +590,7 @@ def evaluate(
 
     # ---- all array work in one jitted program
     wide = mode == "full"
-    F.check_ready(dictionary.config, dictionary.buffers)
+    inference_view(dictionary)
     core = partial(
         _evaluate_core,
         dictionary.config, dictionary.params, dictionary.buffers, W, X, A, mu, H,
@@ -593,15 +603,13 @@ def evaluate(
             st = {key: np.asarray(val) for key, val in core().items()}
     else:
         st = {key: np.asarray(val) for key, val in core().items()}
-    res_total = float(np.sum(st["res_sq"], dtype=np.float64))
-    row_ev = 1.0 - res_total / max(float(np.sum(st["x_sq"], dtype=np.float64)), 1e-12)
+    row_ev = float(row_ev_from_sums(float(np.sum(st["res_sq"], dtype=np.float64)), float(np.sum(st["x_sq"], dtype=np.float64))))
     cosine = float(np.mean(st["cos"], dtype=np.float64))
     pos_cov, abs_cov, id_err = st["pos_cov"], st["abs_cov"], st["identity_err"]
 
     resid = np.abs(st["orig_top"].astype(np.float32) - st["rec_top"].astype(np.float32))
     resid_frac = resid / np.maximum(np.abs(st["orig_top"]).astype(np.float32), np.float32(1e-6))
-    kk = min(overlap_k_cfg, n_rows)
-    overlap = st["hits"].astype(np.float64) / float(kk)
+    overlap = st["overlap"].astype(np.float64)
 
     if wide:  # float64 aggregates
         kl_bits_rows = st["kl_nats"].astype(np.float64) / LN2
@@ -669,6 +677,9 @@ __all__ = [
     "evaluate",
     "reconstruct_rows",
     "row_centered_ev",
+    "row_ev_parts",
+    "row_ev_from_sums",
+    "kl_nats",
     "row_cosine",
     "softcap_logits",
     "kl_bits",

@@ -70,3 +70,52 @@ def test_readout_subsets_and_positions():
         Readout.from_weights(np.full((3, 2), np.inf, np.float32))
     with pytest.raises(ShapeError, match="rank 2"):
         preprocess_rows(np.ones(5, np.float32))
+
+
+def test_readout_is_a_pytree_with_a_static_softcap():
+    import jax
+    import jax.numpy as jnp
+
+    W = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
+    ro = Readout.from_weights(W, softcap=30.0)
+    leaves = jax.tree.leaves(ro)
+    assert len(leaves) == 5 and 30.0 not in [np.asarray(x).item() for x in leaves if np.ndim(x) == 0]
+    traces = []
+
+    @jax.jit
+    def logits(readout, h):
+        traces.append(readout.softcap)
+        return readout.softcap * jnp.tanh((readout.W_U @ h) / readout.softcap)
+
+    h = jnp.ones(4)
+    np.testing.assert_allclose(np.asarray(logits(ro, h)), 30.0 * np.tanh(W @ np.ones(4) / 30.0), rtol=1e-5)
+    logits(ro.replace(W_U=ro.W_U * 2.0), h)  # same static part: no retrace
+    logits(ro.with_softcap(10.0), h)  # softcap is static: a new trace
+    assert traces == [30.0, 10.0]
+    batched = jax.vmap(lambda r: r.row_norms.sum())(jax.tree.map(lambda x: jnp.stack([x, x]), ro))
+    np.testing.assert_allclose(np.asarray(batched), 2 * [float(np.asarray(ro.row_norms).sum())], rtol=1e-6)
+    assert repr(ro) == "Readout(rows=12, d_model=4, dtype=float32, softcap=30)"
+
+
+def test_center_normalize_and_denormalize_are_inverse():
+    from srp_jax.readout import center_normalize, denormalize_rows
+
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((9, 5)).astype(np.float32)
+    mu = W.mean(0)
+    norms, x = center_normalize(W, mu)
+    np.testing.assert_allclose(np.asarray(norms), np.linalg.norm(W - mu, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(denormalize_rows(x, mu, norms)), W, rtol=1e-5, atol=1e-6)
+    # a row equal to the mean keeps norm 1e-8 (the floor) and normalizes to zero
+    norms0, x0 = center_normalize(np.stack([mu, W[0]]), mu)
+    assert float(norms0[0]) == pytest.approx(1e-8) and not np.any(np.asarray(x0[0]))
+
+
+def test_readout_take_and_stats():
+    W = np.arange(40, dtype=np.float32).reshape(10, 4) ** 1.5
+    ro = Readout.from_weights(W, row_token_ids=[2, 5, 7])
+    sub = ro.take(np.array([2, 0]))
+    assert sub.vocab_size == 2 and list(sub.row_token_ids) == [7, 2]
+    np.testing.assert_array_equal(np.asarray(sub.W_U), W[[7, 2]])
+    stats = ro.stats()
+    assert set(stats) == {"row_mean", "row_norms", "row_token_ids"} and stats["row_token_ids"].dtype == np.int64

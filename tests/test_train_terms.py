@@ -233,3 +233,51 @@ def test_row_seeded_init_and_auxk():
         state, m = train_step_jit(spec, state, data)
     assert np.all(np.asarray(state.since_fired) >= 0)
     assert float(m["dead_fraction"]) == pytest.approx(np.mean(np.asarray(state.since_fired) >= 2))
+
+
+def test_compiled_step_donates_the_state_and_equals_the_composed_step():
+    """The loop's path (sampler jitted apart, the step jitted with its state donated) gives
+    bitwise the result of the one-call compat step; the donated state's buffers are gone."""
+    from srp_jax.train.compiled import compile_training
+
+    ds = _dataset()
+    fcfg = FactorizerConfig(architecture="topk", d_features=32, k=4)
+    tcfg = TrainingConfig(steps=5, batch_size=16, lambda_prism=0.5, code_l2=1e-3)
+    spec = StepSpec.build(fcfg, tcfg, ds.d_model, ds.hidden_train.shape[0])
+    data = TrainData.from_dataset(ds, np.ones(ds.vocab_size) / ds.vocab_size, spec.prism_ranks)
+    fns = compile_training(spec)
+    state = init_train_state(0, fcfg, tcfg, ds.d_model, fns.optimizer)
+    want, want_m = train_step_jit(spec, state, data)
+    want, want_m = train_step_jit(spec, want, data)
+    lowered = fns.step.lower(state, fns.sample(data, state.rng, state.step + 1)).as_text()
+    assert "tf.aliasing_output" in lowered  # the state's buffers alias the outputs
+    for _ in range(2):
+        old = state
+        state, m = fns.step(state, fns.sample(data, state.rng, state.step + 1))
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(m["loss"]) == float(want_m["loss"])
+
+
+def test_sampler_is_pure_and_prism_off_means_no_prism_batch():
+    from srp_jax.train.sampling import sample_batch
+
+    ds = _dataset()
+    data = TrainData.from_dataset(ds, np.ones(ds.vocab_size) / ds.vocab_size, 3)
+    rng = jax.random.PRNGKey(5)
+    a = sample_batch(data, rng, 7, batch_size=8, prism_batch=6)
+    b = sample_batch(data, rng, 7, batch_size=8, prism_batch=6)
+    np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
+    assert a.prism.h.shape == (6, ds.d_model) and a.prism.x.shape == (6, ds.d_model)
+    # every prism target row is one of its hidden state's top-3 rows
+    logits = np.asarray(a.prism.h) @ ds.W_U.T
+    tops = np.argsort(-logits, axis=1)[:, :3]
+    rows = [int(np.flatnonzero(np.all(np.isclose(ds.W_U, w), axis=1))[0]) for w in np.asarray(a.prism.w)]
+    assert all(r in t for r, t in zip(rows, tops))
+    c = sample_batch(data, rng, 8, batch_size=8, prism_batch=0)
+    assert c.prism is None and not np.array_equal(np.asarray(c.x), np.asarray(a.x))
+    spec_off = StepSpec.build(FactorizerConfig(d_features=8, k=2), TrainingConfig(lambda_prism=0.0), ds.d_model, 20)
+    from srp_jax.train.step import sample_batch_for
+
+    assert sample_batch_for(spec_off, data, rng, 1).prism is None

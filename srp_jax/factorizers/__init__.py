@@ -21,11 +21,13 @@ Modules: :mod:`.kernels` (top-k, encoder pre-activation, decode, ...), :mod:`.ba
 from __future__ import annotations
 
 # importing the built-in architectures registers them, in the reference's order
-from . import topk  # noqa: F401,I001 - topk, matryoshka_topk
-from . import batch_topk  # noqa: F401
-from . import jumprelu  # noqa: F401
-from . import gated  # noqa: F401
-from . import l1_relu  # noqa: F401
+from . import (
+    batch_topk,  # noqa: F401
+    gated,  # noqa: F401
+    jumprelu,  # noqa: F401
+    l1_relu,  # noqa: F401
+    topk,  # noqa: F401,I001 - topk, matryoshka_topk
+)
 from .base import DEFAULT_K, Architecture, BufferSpec, FactorizerBatch, FactorizerOutput, LossTerms, Option
 from .functional import (
     architecture_of,

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import ThresholdNotReadyError
 from . import kernels as K
 from .base import Architecture, BufferSpec, FactorizerOutput, Option, float_option
 from .registry import register
-from ..errors import ThresholdNotReadyError
 
 
 class BatchTopK(Architecture):

@@ -9,8 +9,8 @@ architecture up here instead of branching on its name.
 
 from __future__ import annotations
 
-from .base import Architecture, Option
 from ..errors import ConfigError
+from .base import Architecture, Option
 
 _REGISTRY: dict[str, Architecture] = {}
 

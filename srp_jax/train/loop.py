@@ -33,6 +33,12 @@ import numpy as np
 
 from .. import factorizers as F
 from .._atomic import write_text_atomic
+from .._lazy import require_torch
+from .._version import __version__
+from ..checkpoint import save_dictionary
+from ..data import load_prism_dataset, row_sampling_weights
+from ..dictionary import Dictionary, load_dictionary
+from ..metrics import evaluate, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError
 from .compiled import compile_training
@@ -144,8 +150,6 @@ def _git_commit() -> str | None:
 
 
 def _package_version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -203,8 +207,6 @@ def run_training(
 ) -> dict[str, Any]:
     """Train (or resume) on ``dataset``. Returns ``{state, history, train_seconds, steps_run,
     mean_l0_train, spec}``. With ``out_dir`` the state is saved under ``out_dir/train_state``."""
-    from ..data import row_sampling_weights
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tcfg, fcfg = cfg.training, cfg.factorizer
     weights = row_sampling_weights(dataset, tcfg.row_sampling)
@@ -349,11 +351,6 @@ def train(
     retrained: its metrics are returned. Raises :class:`TrainingInterrupted` on SIGTERM/SIGINT
     (after saving the state).
     """
-    from ..checkpoint import save_dictionary
-    from ..data import load_prism_dataset
-    from ..dictionary import Dictionary
-    from ..metrics import evaluate, metrics_to_jsonable
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if isinstance(config, RunConfig):
         cfg = config if not (overrides or out_dir or data_path) else load_run_config(
@@ -364,8 +361,6 @@ def train(
     out = Path(cfg.run.output_dir)
     want_pt = cfg.artifacts.export_pt if export_pt is None else bool(export_pt)
     if want_pt:
-        from .._lazy import require_torch
-
         require_torch("artifacts.export_pt / --export-pt")
     cached = _finite_done(out)
     if cached is not None:
@@ -387,9 +382,7 @@ def train(
         params=jax.device_get(state.params),
         buffers=jax.device_get(state.buffers),
         d_model=dataset.d_model,
-        row_mean=jnp.asarray(dataset.row_mean),
-        row_norms=jnp.asarray(dataset.row_norms),
-        row_token_ids=np.asarray(dataset.row_token_ids, np.int64),
+        **dataset.readout().stats(),
         evaluation=dict(raw.get("evaluation") or {}),
         factorizer_block=dict(raw.get("factorizer") or {}),
     )  # no source_config: the merged config is config.yaml; checkpoint.pt keeps the runner key set
@@ -420,7 +413,7 @@ def train(
         "git_commit": commit,
     })  # fmt: skip
     metrics = metrics_to_jsonable(metrics)
-    dictionary.metrics = dict(metrics)
+    dictionary = dictionary.replace(metrics=dict(metrics))  # the saved copy carries its metrics
 
     B, d, D = cfg.training.batch_size, dataset.d_model, cfg.factorizer.d_features
     steps_run = result["steps_run"]
@@ -473,11 +466,8 @@ def train(
 
 def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:
     """``--export-pt`` on a finished run: write ``checkpoint.pt`` from its saved dictionary."""
-    from .._lazy import require_torch
-
     require_torch(f"writing {out / 'checkpoint.pt'}")
     from convert.checkpoints import dictionary_to_pt
-    from ..dictionary import load_dictionary
 
     if not (out / CHECKPOINT_DIR).is_dir():
         raise CheckpointError(

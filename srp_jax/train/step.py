@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import factorizers as F
+from ..compile import compiled
 from ..config import FactorizerConfig, TrainingConfig
 from ..errors import ConfigError
 from ..readout import denormalize_rows
@@ -250,7 +251,7 @@ def train_step(spec: StepSpec, state: TrainState, data: TrainData) -> tuple[Trai
     return make_train_step(spec)(state, sample_batch_for(spec, data, state.rng, state.step + 1))
 
 
-train_step_jit = jax.jit(train_step, static_argnums=0)  # no donation: callers keep their state
+train_step_jit = compiled(train_step, static_argnums=0)  # no donation: callers keep their state
 
 
 __all__ = [

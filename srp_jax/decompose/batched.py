@@ -1,0 +1,166 @@
+"""Many (hidden state, token) pairs in one jitted, vmapped call, with fixed shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import factorizers as F
+from .._arrays import as_float_array, as_index_array, check_last_dim, static_k
+from ..compile import compiled
+from ..dictionary import inference_view
+from ..errors import ConfigError, ShapeError
+from .token import dot, scalar_terms, token_terms
+
+
+@flax.struct.dataclass
+class TokenDecompositions:
+    """Decompositions of B (hidden state, token) pairs, fixed shapes (a pytree).
+
+    Scalars per pair are (B,). Features are in one of two layouts:
+
+    * dense (``sparse=False``): ``feature_contributions`` (B, D) with exact zeros at inactive
+      features, ``feature_indices`` None;
+    * sparse (``sparse=True``): the ``m`` active (index, contribution) pairs per row:
+      ``feature_indices`` (B, m) int32 ascending, padded with -1; ``feature_contributions``
+      (B, m) with 0 at padding. ``m`` = k for the TopK family (exact: at most k are active),
+      else ``max_active``. ``truncated`` (B,) flags rows with more than ``m`` active features;
+      their ``feature_sum`` then covers the listed features only (and ``identity_error``
+      shows the dropped mass).
+
+    ``n_active`` (B,) counts active features (code != 0).
+    """
+
+    original_logit: jax.Array
+    base_term: jax.Array
+    feature_sum: jax.Array
+    residual_term: jax.Array
+    reconstructed_logit: jax.Array
+    identity_error: jax.Array
+    n_active: jax.Array
+    feature_contributions: jax.Array
+    feature_indices: jax.Array | None = None
+    truncated: jax.Array | None = None
+
+
+def _sparse_terms(cfg, k, m, params, buffers, h, w_row, row_mean, row_norm, row_normalized):
+    """Like ``token_terms`` but touching only the ``m`` largest-code decoder rows."""
+    code = F.encode(cfg, params, buffers, row_normalized[None], k)[0]
+    D = code.shape[0]
+    n_active = jnp.sum(code != 0)
+    # Largest |code| first; then order the kept ones by feature index, padding last.
+    _, top_idx = jax.lax.top_k(jnp.abs(code), m)
+    valid = code[top_idx] != 0
+    key = jnp.where(valid, top_idx, D)
+    order = jnp.argsort(key)
+    idx = top_idx[order]
+    valid = valid[order]
+    vals = jnp.where(valid, code[idx], 0.0)
+    rows = jnp.take(params["decoder"], idx, axis=0)  # (m, d)
+    scores = dot(rows, h)
+    contributions = jnp.where(valid, row_norm * vals * scores, 0.0)
+    return {
+        "contributions": contributions,
+        "indices": jnp.where(valid, idx, -1).astype(jnp.int32),
+        "n_active": n_active,
+        "truncated": n_active > m,
+        **scalar_terms(params, h, w_row, row_mean, row_norm, code, contributions),
+    }
+
+
+@compiled(static_argnums=(0, 1, 2))
+def _batched_terms(cfg, k, m, params, buffers, h, w_rows, row_mean, row_norms, rows_normalized):
+    if m is None:
+        fn = lambda *a: token_terms(cfg, k, params, buffers, *a)  # noqa: E731
+    else:
+        fn = lambda *a: _sparse_terms(cfg, k, m, params, buffers, *a)  # noqa: E731
+    return jax.vmap(fn, in_axes=(0, 0, None, 0, 0))(h, w_rows, row_mean, row_norms, rows_normalized)
+
+
+def decompose_rows(
+    h: Any,
+    W_rows: Any,
+    row_mean: Any,
+    row_norms: Any,
+    rows_normalized: Any,
+    model: Any,
+    k: int | None = None,
+    *,
+    sparse: bool = False,
+    max_active: int | None = None,
+) -> TokenDecompositions:
+    """Decompose B pairs (h[i], W_rows[i]) in one jitted, vmapped call.
+
+    h (B, d), W_rows (B, d), row_mean (d,), row_norms (B,), rows_normalized (B, d).
+    ``sparse=True`` returns the active (index, contribution) pairs instead of dense (B, D)
+    contributions and gathers only those decoder rows (see :class:`TokenDecompositions`).
+    """
+    cfg, params, buffers, d_model = inference_view(model)
+    h_a = as_float_array(h, name="h", ndim=2)
+    w_a = as_float_array(W_rows, name="W_rows", ndim=2)
+    x_a = as_float_array(rows_normalized, name="rows_normalized", ndim=2)
+    mean_a = as_float_array(row_mean, name="row_mean", ndim=1)
+    norms_a = as_float_array(row_norms, name="row_norms", ndim=1)
+    for name, arr in (("h", h_a), ("W_rows", w_a), ("rows_normalized", x_a), ("row_mean", mean_a)):
+        check_last_dim(name, arr, d_model)
+    B = h_a.shape[0]
+    for name, arr in (("W_rows", w_a), ("rows_normalized", x_a), ("row_norms", norms_a)):
+        if arr.shape[0] != B:
+            raise ShapeError(f"{name} has {arr.shape[0]} rows but h has {B}")
+    k_static = static_k(k)
+    m = None
+    if sparse:
+        if cfg.arch.at_most_k_active:
+            m = min(cfg.resolve_k(k_static), cfg.d_features)
+        elif max_active is None:
+            raise ConfigError(f"sparse decomposition of a {cfg.architecture} dictionary needs max_active=")
+        if max_active is not None:
+            if isinstance(max_active, bool) or not isinstance(max_active, (int, np.integer)) or max_active < 1:
+                raise ConfigError(f"max_active must be a positive integer, got {max_active!r}")
+            m = min(int(max_active), cfg.d_features)
+    t = _batched_terms(cfg, k_static, m, params, buffers, h_a, w_a, mean_a, norms_a, x_a)
+    if m is None:
+        n_active = jnp.sum(t["code"] != 0, axis=-1)
+        return TokenDecompositions(
+            t["original"], t["base"], t["feature_sum"], t["residual_term"], t["reconstructed"],
+            t["identity_error"], n_active, t["contributions"],
+        )
+    return TokenDecompositions(
+        t["original"], t["base"], t["feature_sum"], t["residual_term"], t["reconstructed"],
+        t["identity_error"], t["n_active"], t["contributions"], t["indices"], t["truncated"],
+    )
+
+
+def decompose_tokens(
+    h: Any,
+    token_ids: Any,
+    readout: Any,
+    model: Any,
+    k: int | None = None,
+    *,
+    sparse: bool = False,
+    max_active: int | None = None,
+) -> TokenDecompositions:
+    """Decompose the logits of vocabulary ``token_ids`` (B,) under hidden states h (B, d).
+
+    ``readout`` is a :class:`srp_jax.readout.Readout` prepared with the dictionary's row mean
+    (``Readout.for_dictionary``). One jitted call for the whole batch.
+    """
+    ids = as_index_array(token_ids, name="token_ids", ndim=1)
+    pos = jnp.asarray(readout.positions(ids))
+    return decompose_rows(
+        h, readout.W_U[pos], readout.row_mean, readout.row_norms[pos], readout.rows_normalized[pos],
+        model, k, sparse=sparse, max_active=max_active,
+    )
+
+
+def batch_decomposition_identity_error(h, W_rows, row_mean, row_norms, rows_normalized, model, k=None) -> jax.Array:
+    """|identity error| (B,) of the pairs (h[i], W_rows[i]) (the reference helper)."""
+    return jnp.abs(decompose_rows(h, W_rows, row_mean, row_norms, rows_normalized, model, k).identity_error)
+
+
+__all__ = ["TokenDecompositions", "decompose_rows", "decompose_tokens", "batch_decomposition_identity_error"]
