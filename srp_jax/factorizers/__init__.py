@@ -20,15 +20,8 @@ Modules: :mod:`.kernels` (top-k, encoder pre-activation, decode, ...), :mod:`.ba
 
 from __future__ import annotations
 
-# importing the built-in architectures registers them, in the reference's order
-from . import (
-    batch_topk,  # noqa: F401
-    gated,  # noqa: F401
-    jumprelu,  # noqa: F401
-    l1_relu,  # noqa: F401
-    topk,  # noqa: F401,I001 - topk, matryoshka_topk
-)
 from .base import DEFAULT_K, Architecture, BufferSpec, FactorizerBatch, FactorizerOutput, LossTerms, Option
+from .batch_topk import BatchTopK
 from .functional import (
     architecture_of,
     check_ready,
@@ -41,6 +34,8 @@ from .functional import (
     init_factorizer,
     reconstruction_loss,
 )
+from .gated import Gated
+from .jumprelu import JumpReLU
 from .kernels import (
     HIGHEST,
     NORM_EPS,
@@ -58,6 +53,7 @@ from .kernels import (
     topk_mask,
     topk_sparse,
 )
+from .l1_relu import L1ReLU
 from .registry import architecture_names, get_architecture, register, unregister
 from .state_dict import (
     buffer_keys,
@@ -67,12 +63,24 @@ from .state_dict import (
     state_dict_to_variables,
     variables_to_state_dict,
 )
+from .topk import MatryoshkaTopK, TopK
+
+# The built-in architectures, one registry line each (the reference's order).
+for _architecture in (TopK(), MatryoshkaTopK(), BatchTopK(), JumpReLU(), Gated(), L1ReLU()):
+    register(_architecture)
+del _architecture
 
 BUILTIN_ARCHITECTURES = architecture_names()
 INT_BUFFERS = tuple(sorted({name for arch in BUILTIN_ARCHITECTURES for name in int_buffer_keys(arch)}))
 
 __all__ = [
     "Architecture",
+    "TopK",
+    "MatryoshkaTopK",
+    "BatchTopK",
+    "JumpReLU",
+    "Gated",
+    "L1ReLU",
     "Option",
     "BufferSpec",
     "DEFAULT_K",
@@ -88,6 +96,7 @@ __all__ = [
     "Params",
     "Buffers",
     "HIGHEST",
+    "NORM_EPS",
     "init_factorizer",
     "init_buffers",
     "normalize_rows",

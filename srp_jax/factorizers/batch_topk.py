@@ -14,7 +14,6 @@ import numpy as np
 from ..errors import ThresholdNotReadyError
 from . import kernels as K
 from .base import Architecture, BufferSpec, FactorizerOutput, Option, float_option
-from .registry import register
 
 
 class BatchTopK(Architecture):
@@ -59,4 +58,3 @@ class BatchTopK(Architecture):
             )
 
 
-register(BatchTopK())

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from . import kernels as K
 from .base import Architecture, FactorizerOutput
-from .registry import register
 
 
 def gated_parts(params, x):
@@ -43,4 +42,3 @@ class Gated(Architecture):
         return training.gate_l1_coeff * terms.aux + training.gated_aux_coeff * terms.aux_recon_mse
 
 
-register(Gated())

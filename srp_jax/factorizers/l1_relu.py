@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from . import kernels as K
 from .base import Architecture
-from .registry import register
 
 
 class L1ReLU(Architecture):
@@ -27,4 +26,3 @@ class L1ReLU(Architecture):
         return coeff * terms.aux
 
 
-register(L1ReLU())

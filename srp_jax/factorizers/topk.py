@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from . import kernels as K
 from .base import Architecture, LossTerms, Option, float_tuple_option, int_tuple_option
-from .registry import register
 
 
 class TopK(Architecture):
@@ -52,5 +51,3 @@ class MatryoshkaTopK(TopK):
         return LossTerms(total / sum(ws), out.code, zero, zero, out.mean_l0, out.buffers)
 
 
-register(TopK())
-register(MatryoshkaTopK())
