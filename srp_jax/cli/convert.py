@@ -25,15 +25,17 @@ tensor bits. Output is written atomically; an existing DST is refused unless --f
 Needs the 'convert' extra (PyTorch): pip install 'srp-jax[convert]'.
 
 examples:
-  srp-jax convert runs/smoke/checkpoint.pt runs/smoke/srp
-  srp-jax convert hub:qwen3.5-2b/k256_32x dicts/qwen2b-k256
-  srp-jax convert dicts/qwen2b-k256 qwen2b-k256.pt
+  srp-jax convert runs/smoke/checkpoint.pt --out runs/smoke/srp
+  srp-jax convert hub:qwen3.5-2b/k256_32x --out dicts/qwen2b-k256
+  srp-jax convert dicts/qwen2b-k256 --out qwen2b-k256.pt      (a positional DST works too)
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint.pt, hub:<model>/<op>, or an srp-jax checkpoint directory")
-    parser.add_argument("dst", metavar="DST", help="output: a directory (from .pt / hub) or a .pt file (from a directory)")
+    parser.add_argument("dst", metavar="DST", nargs="?", default=None,
+                        help="output: a directory (from .pt / hub) or a .pt file (from a directory); or give it as --out")
+    parser.add_argument("--out", dest="out", default=None, help="the output (same as DST)")
     parser.add_argument("--force", action="store_true",
                         help="replace DST if it exists (only an srp-jax checkpoint or a file; never the source)")
     parser.add_argument(
@@ -53,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._lazy import require_torch
+
+    if args.dst is not None and args.out is not None and args.dst != args.out:
+        raise CheckpointError(f"two outputs given: DST {args.dst!r} and --out {args.out!r}; give one")
+    args.dst = args.dst if args.dst is not None else args.out
+    if args.dst is None:
+        raise CheckpointError("no output given: srp-jax convert SRC --out DST (a directory from .pt/hub, a .pt from a directory)")
 
     src_text = os.fspath(args.src)
     dst = Path(args.dst)

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file, or a built-in name (smoke, smollm2-cpu, paper/<model>/<op>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.steps=200 (repeatable)")
-    parser.add_argument("--out-dir", default=None, help="run directory (= run.output_dir)")
+    parser.add_argument("--out", "--out-dir", dest="out_dir", default=None,
+                        help="run directory (= run.output_dir; --out-dir is an alias)")
     parser.add_argument("--data-path", default=None, help="readout payload (.pt/.npz/.safetensors) (= data.path)")
     parser.add_argument("--export-pt", action="store_true", default=None,
                         help="also write checkpoint.pt in the reference schema (needs the convert extra)")

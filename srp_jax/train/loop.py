@@ -368,9 +368,8 @@ def train(
         if want_pt and not (out / "checkpoint.pt").exists():
             _export_finished_run(out, log)
         return cached
+    dataset = load_prism_dataset(cfg, cfg.run.seed)  # before the run directory exists: a bad payload leaves none
     out.mkdir(parents=True, exist_ok=True)
-
-    dataset = load_prism_dataset(cfg, cfg.run.seed)
     result = run_training(cfg, dataset, out, progress=progress, log=log)
     state: TrainState = result["state"]
 
