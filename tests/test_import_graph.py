@@ -147,7 +147,15 @@ def test_layering_one_way():
     assert reaches("srp_jax.dictionary", "srp_jax.checkpoint")
     for module in ("srp_jax.readout", "srp_jax.factorizers", "srp_jax.data", "srp_jax.metrics"):
         assert not reaches(module, "srp_jax.train"), module
-    torch_importers = [m for m, p in _modules().items() if "import torch" in p.read_text(encoding="utf-8")]
+    def imports_torch(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+                return True
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "torch":
+                return True
+        return False
+
+    torch_importers = [m for m, p in _modules().items() if imports_torch(p)]
     assert torch_importers == ["convert.pt_io"], torch_importers
 
 
