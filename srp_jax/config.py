@@ -443,16 +443,22 @@ class TrainingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactsConfig:
-    """``artifacts:``. ``make_figures`` is inert; ``export_pt`` (ours) also writes ``checkpoint.pt``."""
+    """``artifacts:``. ``make_figures`` is inert; ours: ``export_pt`` also writes
+    ``checkpoint.pt``; ``tensorboard`` writes event files under ``<out>/tensorboard``
+    (extra ``watch``); ``wandb_project`` logs to Weights & Biases (needs ``wandb``)."""
 
     save_checkpoint: bool = True
     report_path: str | None = None
     make_figures: Any = None
     export_pt: bool = False
+    tensorboard: bool = False
+    wandb_project: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "save_checkpoint", _as_bool("artifacts.save_checkpoint", self.save_checkpoint))
         object.__setattr__(self, "export_pt", _as_bool("artifacts.export_pt", self.export_pt))
+        object.__setattr__(self, "tensorboard", _as_bool("artifacts.tensorboard", self.tensorboard))
+        object.__setattr__(self, "wandb_project", _as_str("artifacts.wandb_project", self.wandb_project, allow_none=True))
         object.__setattr__(self, "report_path", _as_str("artifacts.report_path", self.report_path, allow_none=True))
 
 
@@ -619,6 +625,25 @@ def builtin_config_path(name: str):
     return None
 
 
+def builtin_config_names() -> list[str]:
+    """Names accepted by ``--config`` besides file paths: ``smoke``, ``smollm2-cpu``, ...,
+    ``paper/<model>/<op>``."""
+    from importlib import resources
+
+    try:
+        root = resources.files("srp_jax.configs")
+    except ModuleNotFoundError:  # pragma: no cover - broken install
+        return []
+    names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and p.name != "registry.yaml")
+    paper = root / "paper"
+    if paper.is_dir():
+        for model in sorted(paper.iterdir(), key=lambda p: p.name):
+            if model.is_dir():
+                names += [f"paper/{model.name}/{op.name[:-5]}" for op in sorted(model.iterdir(), key=lambda p: p.name)
+                          if op.name.endswith(".yaml")]
+    return names
+
+
 def read_config_file(path_or_name) -> tuple[dict[str, Any], str]:
     """Read a YAML config from a file, or a built-in config by name. Returns (mapping, source)."""
     import os
@@ -631,7 +656,14 @@ def read_config_file(path_or_name) -> tuple[dict[str, Any], str]:
     else:
         node = builtin_config_path(text)
         if node is None:
-            raise ConfigError(f"{text}: no such config file (and no built-in config of that name)")
+            names = builtin_config_names()
+            flat = [n for n in names if not n.startswith("paper/")]
+            paper = [n for n in names if n.startswith("paper/")]
+            raise ConfigError(
+                f"{text}: no such config file or built-in config (built-in: {', '.join(flat)}, and "
+                f"{len(paper)} paper configs paper/<model>/<op>, e.g. {paper[0] if paper else 'none'}; "
+                "srp-jax hub list shows the <model>/<op> names)"
+            )
         source, opener = f"srp_jax.configs:{text}", lambda: node.open("r", encoding="utf-8")
     try:
         with opener() as fh:

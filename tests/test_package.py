@@ -74,3 +74,21 @@ def test_reference_public_names_exist():
     missing = sorted(n for n in names if not hasattr(srp_jax, n))
     assert not missing, missing
     assert set(srp_jax.__all__) >= names - {"__version__"}
+
+
+def test_help_imports_neither_jax_nor_numpy():
+    """``srp-jax --help`` (and every subcommand's) stays fast: no jax, numpy or torch on its path."""
+    code = (
+        "import sys\n"
+        "from srp_jax.cli.main import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['hub', 'fetch', '--help'], ['demo', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, argv\n"
+        "heavy = sorted(m for m in ('jax', 'numpy', 'torch', 'flax', 'orbax') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: srp-jax" in proc.stdout

@@ -45,21 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-features", type=int, default=5, help="features to show (default: 5)")
 
 
-def _published_ranges() -> dict[str, tuple[float, float]]:
-    from .. import hub
-
-    ranges: dict[str, tuple[float, float]] = {}
-    for name in ("rowEV", "top1", "KL"):
-        values = [hub.metric(e.metrics, name) for e in hub.registry()]
-        values = [float(v) for v in values if isinstance(v, (int, float))]
-        if values:
-            ranges[name] = (min(values), max(values))
-    return ranges
-
-
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .. import hub
     from .._lazy import torch_available
     from ..config import load_run_config
     from ..data import load_prism_dataset
@@ -81,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         f"k = {f.native_k}, {cfg.training.steps} steps -> {out}")
 
     # ---- metrics, explained
-    pub = _published_ranges()
+    pub = hub.published_ranges()
 
     def rng(name: str) -> str:
         lo, hi = pub.get(name, (float("nan"), float("nan")))

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", default=None, help="readout payload (.pt/.npz/.safetensors) (= data.path)")
     parser.add_argument("--export-pt", action="store_true", default=None,
                         help="also write checkpoint.pt in the reference schema (needs the convert extra)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard event files to OUT/tensorboard (= artifacts.tensorboard; extra 'watch')")
+    parser.add_argument("--wandb", metavar="PROJECT", default=None,
+                        help="also log to Weights & Biases project PROJECT (= artifacts.wandb_project; needs wandb)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
 
 
@@ -37,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import load_run_config
 
-    cfg = load_run_config(args.config, args.overrides, out_dir=args.out_dir, data_path=args.data_path)
+    overrides = list(args.overrides)
+    if args.tensorboard:
+        overrides.append("artifacts.tensorboard=true")
+    if args.wandb:
+        overrides.append(f"artifacts.wandb_project={args.wandb}")
+    cfg = load_run_config(args.config, overrides, out_dir=args.out_dir, data_path=args.data_path)
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0

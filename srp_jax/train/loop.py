@@ -35,6 +35,7 @@ from .. import factorizers as F
 from .._atomic import write_text_atomic
 from .._lazy import require_torch
 from .._version import __version__
+from ..progress import Progress
 from ..checkpoint import save_dictionary
 from ..data import load_prism_dataset, row_sampling_weights
 from ..dictionary import Dictionary, load_dictionary
@@ -43,6 +44,7 @@ from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError
 from .compiled import compile_training
 from .sampling import TrainData
+from .watch import MetricWatchers
 from .state import TrainState, init_train_state
 from .step import StepSpec, make_optimizer
 
@@ -50,6 +52,7 @@ STATE_DIR = "train_state"
 CHECKPOINT_DIR = "checkpoint"
 FEATURE_LABELS_MAX = 256
 FEATURE_LABELS_TOP = 6
+WATCHED = ("lr", "lambda_prism", "grad_norm", "mean_l0", "dead_fraction", "aux_loss", "auxk_loss")  # beside the history row
 
 
 class TrainingInterrupted(Exception):
@@ -67,49 +70,6 @@ class TrainingInterrupted(Exception):
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-class Progress:
-    """A tiny progress display: a redrawn bar on a TTY, plain log lines otherwise."""
-
-    def __init__(self, total: int, *, stream=None, enabled: bool | None = None, width: int = 24):
-        self.total, self.stream, self.width = max(int(total), 1), stream or sys.stderr, width
-        self.tty = bool(enabled) if enabled is not None else bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0, self.n0, self.last_draw = time.perf_counter(), None, 0.0
-
-    def rate(self, step: int) -> float:
-        if self.n0 is None:
-            return float("nan")
-        dt = time.perf_counter() - self.t0
-        return (step - self.n0) / dt if dt > 0 else float("nan")
-
-    def start(self, step: int) -> None:
-        self.n0, self.t0 = step, time.perf_counter()
-
-    def wants_draw(self) -> bool:
-        return self.tty and time.perf_counter() - self.last_draw >= 0.25
-
-    def draw(self, step: int, loss: float) -> None:
-        frac = min(step / self.total, 1.0)
-        fill = int(round(frac * self.width))
-        bar = "#" * fill + "." * (self.width - fill)
-        self.stream.write(f"\r[train] {step}/{self.total} [{bar}] loss {loss:.4g}  {self.rate(step):.1f} steps/s ")
-        self.stream.flush()
-        self.last_draw = time.perf_counter()
-
-    def log(self, step: int, row: Mapping[str, float]) -> None:
-        if self.tty:
-            return
-        self.stream.write(
-            f"[train] step {step}/{self.total} loss={row['loss']:.6g} rec={row['reconstruction_loss']:.6g} "
-            f"prism={row['prism_loss']:.6g} {self.rate(step):.1f} steps/s\n"
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 @contextlib.contextmanager
@@ -236,6 +196,10 @@ def run_training(
     start = int(state.step)
     steps = tcfg.steps
     progress = progress or Progress(steps)
+    watchers = MetricWatchers(
+        None if out_dir is None else Path(out_dir), tensorboard=cfg.artifacts.tensorboard,
+        wandb_project=cfg.artifacts.wandb_project, run_name=cfg.run.name, config=cfg.to_dict(),
+    )
     t_start = time.perf_counter()
 
     def extra_now() -> dict[str, Any]:
@@ -247,6 +211,9 @@ def run_training(
             for step in range(start + 1, steps + 1):
                 batch = fns.sample(data, state.rng, state.step + 1)
                 state, metrics = fns.step(state, batch)
+                if step == start + 1:  # the first step carries the compilation: time it apart
+                    jax.block_until_ready(metrics["loss"])
+                    progress.first_done(step)
                 if step == 1 or step % tcfg.log_every == 0 or step == steps:
                     row = {
                         "step": step,
@@ -256,6 +223,8 @@ def run_training(
                     }
                     history.append(row)
                     progress.log(step, row)
+                    if watchers.active:
+                        watchers.scalars(step, {**row, **{k: float(metrics[k]) for k in WATCHED if k in metrics}})
                 if progress.wants_draw():
                     progress.draw(step, float(metrics["loss"]))
                 if manager is not None and (
@@ -272,6 +241,7 @@ def run_training(
                 _save(manager, state, extra_now())
         jax.block_until_ready(state.params)
     finally:
+        watchers.close()
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
@@ -284,6 +254,7 @@ def run_training(
         "train_seconds": train_seconds,
         "steps_run": max(0, steps - start),
         "mean_l0_train": float(state.l0_sum) / count if count > 0 else float("nan"),
+        "compile_seconds": progress.compile_seconds,
         "spec": spec,
         "sample_weights": weights,
     }
@@ -460,7 +431,39 @@ def train(
                         "dead_feature_rate", "rare_feature_rate", "train_seconds")
         )  # fmt: skip
     )
+    log(run_summary(out, metrics, steps_run=result["steps_run"], compile_seconds=result.get("compile_seconds")))
     return metrics
+
+
+SUMMARY_ROWS = (
+    ("rowEV", "row_centered_ev", "rowEV", "share of the centred W_U rows' energy the sparse codes reconstruct (1 = exact)"),
+    ("top-1", "val_top1_match", "top1", "how often the reconstructed readout picks the model's own top-1 token"),
+    ("KL", "val_logit_kl_bits_mean", "KL", "bits between the real and the reconstructed next-token distributions"),
+)
+
+
+def run_summary(out: Path, metrics: Mapping[str, Any], *, steps_run: int | None = None,
+                compile_seconds: float | None = None) -> str:
+    """The closing summary of a run: where it is, its headline metrics and what they mean."""
+    from ..hub import published_ranges
+
+    pub = published_ranges()
+    took = f"{metrics.get('train_seconds', float('nan')):.1f} s of training"
+    if compile_seconds is not None and math.isfinite(compile_seconds):
+        took += f" (first step incl. compile {compile_seconds:.1f} s)"
+    lines = [f"[done] {out}: {'' if steps_run is None else f'{steps_run} steps, '}{took}"]
+    for label, key, pub_key, meaning in SUMMARY_ROWS:
+        value = metrics.get(key)
+        text = "n/a" if not isinstance(value, (int, float)) else f"{value:.3f}"
+        lo, hi = pub.get(pub_key, (float("nan"), float("nan")))
+        lines.append(f"  {label:<6} {text:>6}  {meaning} (published dictionaries: {lo:.2f}-{hi:.2f})")
+    dead = metrics.get("dead_feature_rate")
+    if isinstance(dead, (int, float)):
+        lines.append(f"  {dead:.1%} of features never fire on the evaluated rows; mean L0 {metrics.get('mean_l0', float('nan')):.1f}")
+    if metrics.get("finite_metrics") is False:
+        lines.append("  WARNING: some metrics are not finite: the run diverged")
+    lines.append(f"  load it: srp_jax.load_factorizer({str(out)!r}); files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return "\n".join(lines)
 
 
 def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:
