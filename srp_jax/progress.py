@@ -109,4 +109,21 @@ class Progress:
             self.stream.flush()
 
 
-__all__ = ["Progress", "format_duration"]
+def stage(label: str, message: str, *, stream=None) -> None:
+    """One status line for a long step with no natural unit count (reading a multi-GB file,
+    converting it), on a terminal only: pipes and logs stay quiet."""
+    stream = stream or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        stream.write(f"[{label}] {message}\n")
+        stream.flush()
+
+
+def human_size(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n_bytes < 1024 or unit == "TB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TB"  # pragma: no cover
+
+
+__all__ = ["Progress", "format_duration", "stage", "human_size"]

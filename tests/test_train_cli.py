@@ -142,3 +142,16 @@ def test_run_report_failure_notes():
     notes = edge.split("## Failure notes", 1)[1].split("## Config", 1)[0]
     assert notes.count("\n- ") == 1 and "not finite" in notes  # the thresholds are strict
 
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--config", "smoke", "--data-path", str(tmp_path / "missing.npz"),
+                 "--set", "data.fallback=error", "--out", str(out)]) == 2
+    assert "missing.npz" in capsys.readouterr().err and not out.exists()
+    bad = tmp_path / "bad.npz"
+    import numpy as np
+
+    np.savez(bad, W_U=np.ones((4, 3), np.float32), h_LN=np.ones((2, 5), np.float32))  # d 3 vs 5
+    assert main(["train", "--config", "smoke", "--data-path", str(bad), "--out", str(out)]) == 2
+    assert "does not match" in capsys.readouterr().err and not out.exists()

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     src = Path(src_text)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
+    from ..progress import human_size, stage
+
+    size = src.stat().st_size if src.is_file() else sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    stage("convert", f"{src} ({human_size(size)}) -> {dst}: reading, checking every checksum, writing")
     if src.is_dir():
         require_torch(f"writing {dst}")
         from convert.checkpoints import orbax_to_pt

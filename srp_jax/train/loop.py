@@ -360,9 +360,12 @@ def train(
         "max_dead_feature_rate": cfg.score_thresholds.max_dead_feature_rate,
         "max_val_logit_kl_bits_mean": cfg.score_thresholds.max_val_logit_kl_bits_mean,
     }
+    t_eval = time.perf_counter()
     metrics = dict(
         evaluate(dictionary, dataset.readout(), dataset.hidden_val, evaluation=cfg.evaluation, mode="reference", thresholds=thresholds)
     )
+    log(f"[evaluate] {metrics['eval_rows']} rows x {metrics['eval_hidden']} held-out hidden states "
+        f"in {time.perf_counter() - t_eval:.1f} s")
     ctrl_on = result["spec"].controller_on
     device = jax.devices()[0]
     commit = _git_commit()
