@@ -97,7 +97,15 @@ def require_extract_extra(what: str = "extraction") -> None:
     """A :class:`DependencyError` naming the ``extract`` extra when transformers/torch are missing."""
     import importlib.util
 
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    def absent(name: str) -> bool:
+        if name in sys.modules:
+            return sys.modules[name] is None
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    missing = [m for m in ("torch", "transformers") if absent(m)]
     if missing:
         raise DependencyError(f"{what} needs {' and '.join(missing)}; {EXTRA_HINT}")
 

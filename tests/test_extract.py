@@ -186,3 +186,23 @@ def test_cli_extract_and_train_from_a_model_reuses_the_cache(llama, tmp_path, ca
     assert main([*train, "--out-dir", str(tmp_path / "run2")]) == 0
     assert "reusing cached payload" in capsys.readouterr().err
     assert main(["train", "--model", str(llama), "--data-path", "x"]) == 2
+
+
+def test_progress_bar_draws_on_a_tty_and_is_silent_otherwise():
+    import io
+
+    from srp_jax.extract import Progress
+
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = TTY(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = Progress(10, stream=stream)
+        for done in (0, 5, 10):
+            bar.update(done)
+        bar.close()
+    assert pipe.getvalue() == ""
+    lines = tty.getvalue().split("\r")
+    assert "[extract] 10/10 prompts [" + "#" * 24 + "]" in lines[-1] and tty.getvalue().endswith("\n")

@@ -31,8 +31,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "real-models.md"
 N_PROMPTS, MAX_LEN = 6, 40
 REDUCE = {  # per subcommand: options appended to the documented command (smaller sizes)
     "extract": ["--n-prompts", str(N_PROMPTS), "--max-len", str(MAX_LEN)],
-    "train": ["--set", "training.steps=60", "--set", "factorizer.d_features=1152", "--set", "data.max_hidden=128",
-              "--set", "data.val_hidden=96", "--set", "training.log_every=20"],
+    "train": ["--set", "training.steps=40", "--set", "training.batch_size=256", "--set", "factorizer.d_features=1152",
+              "--set", "data.max_hidden=128", "--set", "data.val_hidden=96", "--set", "training.log_every=20"],
     "verify": ["--bootstrap", "200"],
     "explain": [],
 }  # fmt: skip
@@ -109,7 +109,8 @@ def test_docs_end_to_end_on_smollm2(smollm2_gguf, tmp_path, monkeypatch, capsys)
     W_ref, h_ref = _reference_extraction(smollm2_gguf, builtin_corpus().prompts(N_PROMPTS))
     assert payload["W_U"].shape == (49152, 576) and np.array_equal(payload["W_U"], W_ref)  # bit-identical
     assert payload["h_LN"].shape == (N_PROMPTS, MAX_LEN, 576)
-    np.testing.assert_allclose(payload["h_LN"], h_ref, rtol=0, atol=2e-5 * float(np.abs(h_ref).max()))
+    worst = float(np.abs(payload["h_LN"] - h_ref).max())
+    assert worst <= 1e-6 * float(np.abs(h_ref).max()), worst  # float32 round-off at most (measured: 0, bit-identical)
     manifest = json.loads(Path("data/smollm2/manifest.json").read_text())
     assert manifest["model_identity"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert manifest["tie_word_embeddings"] is True and manifest["post_readout_transform"] is None
@@ -125,7 +126,7 @@ def test_docs_end_to_end_on_smollm2(smollm2_gguf, tmp_path, monkeypatch, capsys)
     assert 0.0 < metrics["val_logit_kl_bits_mean"] < 20.0 and metrics["identity_abs_error_max"] < 1e-3
     assert metrics["eval_rows"] == 20000 and metrics["k"] == 128 and metrics["d_features"] == 1152
     history = json.loads(Path("runs/smollm2/history.json").read_text())["history"]
-    assert history[-1]["reconstruction_loss"] < 0.5 * history[0]["reconstruction_loss"]
+    assert history[-1]["reconstruction_loss"] < 0.8 * history[0]["reconstruction_loss"], history
     cached = json.loads(Path("runs/smollm2-cached/metrics.json").read_text())
     assert cached["data_source"].startswith(str(tmp_path / "payloads"))
     cached_payload = read_payload(cached["data_source"])
