@@ -525,7 +525,8 @@ def evaluate(
     thresholds: Mapping[str, Any] | None = None,
     row_batch: int = 1024,
     hidden_batch: int = 128,
-) -> dict[str, Any]:
+    per_item: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluate ``dictionary`` on ``readout`` rows and held-out ``hidden`` states (N, d).
 
     ``readout``: a :class:`srp_jax.readout.Readout` or any object / mapping with ``W_U`` (V, d),
@@ -546,6 +547,10 @@ def evaluate(
     Returns Python floats / ints / bools; NaN only where the reference gives NaN (then
     ``finite_metrics`` is False and ``selection_score`` is −1e9; ``metrics_to_jsonable`` maps
     NaN to None). ``row_batch`` / ``hidden_batch`` set the jitted chunk sizes (memory only).
+
+    ``per_item=True`` returns ``(metrics, items)``: the per-hidden-state values behind the
+    means (``kl_bits``, ``top1_match``, and in full mode ``frontier_pass``; (n_hidden,)) and
+    the per-row terms of rowEV (``row_res_sq``, ``row_x_sq``; (n_rows,)), for bootstraps.
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -670,7 +675,17 @@ def evaluate(
     if wide:
         metrics["softcap"] = cap
         metrics["eval_mode"] = "full"
-    return metrics
+    if not per_item:
+        return metrics
+    items = {
+        "kl_bits": st["kl_nats"].astype(np.float64) / LN2,
+        "top1_match": st["top1"].astype(bool),
+        "row_res_sq": st["res_sq"].astype(np.float64),
+        "row_x_sq": st["x_sq"].astype(np.float64),
+    }
+    if wide:
+        items["frontier_pass"] = sign_match & (rel <= FRONTIER_TOL)
+    return metrics, items
 
 
 __all__ = [

@@ -19,6 +19,9 @@ SUBCOMMANDS = {
     "train": "train",
     "convert": "convert",
     "hub": "hub",
+    "extract": "extract",
+    "verify": "verify",
+    "explain": "explain",
 }
 
 

@@ -1,11 +1,11 @@
-"""``srp-jax train``: train one dictionary from a reference-style YAML config."""
+"""``srp-jax train``: train one dictionary from a YAML config, optionally straight from a model."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-HELP = "train a dictionary from a YAML config (reference keys; resumable)"
+HELP = "train a dictionary from a YAML config, or straight from a model + corpus (resumable)"
 DESCRIPTION = """\
 Train one readout dictionary from a YAML config (the reference's keys, accepted unchanged).
 
@@ -13,20 +13,34 @@ Train one readout dictionary from a YAML config (the reference's keys, accepted 
   srp-jax train --config smoke                       # a built-in config by name
   srp-jax train --config paper/qwen3.5-2b/k256_32x --data-path hLN.pt --out-dir runs/q2b
 
+From a model in one command: --model extracts the payload first (srp-jax extract's recipe and
+options), or reuses the cached one for the same model, corpus and extraction settings (under
+--payload-cache, default <srp-jax cache>/payloads; an interrupted extraction resumes), then
+trains on it. Without --config it uses the built-in smollm2-cpu recipe (16x / k128, shipped).
+
+  srp-jax train --model smollm2 --corpus builtin --out-dir runs/smollm2
+  srp-jax train --model my-model.gguf --corpus notes.txt --config my.yaml --out-dir runs/mine
+
 The run directory gets checkpoint/ (srp-jax), train_state/ (Orbax, for resuming), config.yaml,
 metrics.json, history.json, compute_meta.json, feature_labels.json, DONE, and checkpoint.pt
 with --export-pt. Rerunning the same command resumes an interrupted run; a finished one
 (DONE) is skipped. SIGTERM / Ctrl-C save the state and exit (status 143 / 130).
 """
 
+DEFAULT_MODEL_CONFIG = "smollm2-cpu"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file, or a built-in name (smoke, smollm2-cpu, paper/<model>/<op>)")
+    from .extract import add_extraction_arguments
+
+    parser.add_argument("--config", default=None,
+                        help="YAML config file, or a built-in name (smoke, smollm2-cpu, paper/<model>/<op>); "
+                             f"required unless --model is given (then default {DEFAULT_MODEL_CONFIG})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.steps=200 (repeatable)")
     parser.add_argument("--out", "--out-dir", dest="out_dir", default=None,
                         help="run directory (= run.output_dir; --out-dir is an alias)")
-    parser.add_argument("--data-path", default=None, help="readout payload (.pt/.npz/.safetensors) (= data.path)")
+    parser.add_argument("--data-path", default=None, help="readout payload (.pt/.npz/.safetensors/folder) (= data.path)")
     parser.add_argument("--export-pt", action="store_true", default=None,
                         help="also write checkpoint.pt in the reference schema (needs the convert extra)")
     parser.add_argument("--tensorboard", action="store_true",
@@ -34,22 +48,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wandb", metavar="PROJECT", default=None,
                         help="also log to Weights & Biases project PROJECT (= artifacts.wandb_project; needs wandb)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+    group = parser.add_argument_group("from a model (needs the extract extra)")
+    add_extraction_arguments(group, model_required=False)
+    group.add_argument("--payload-cache", default=None, help="folder of cached payloads (default <srp-jax cache>/payloads)")
 
 
 def run(args: argparse.Namespace) -> int:
     import yaml
 
     from ..config import load_run_config
+    from ..errors import ConfigError
 
     overrides = list(args.overrides)
     if args.tensorboard:
         overrides.append("artifacts.tensorboard=true")
     if args.wandb:
         overrides.append(f"artifacts.wandb_project={args.wandb}")
-    cfg = load_run_config(args.config, overrides, out_dir=args.out_dir, data_path=args.data_path)
-    if args.print_config:
+    config = args.config
+    data_path = args.data_path
+    if args.model is not None:
+        if data_path is not None:
+            raise ConfigError("give --model (extract a payload) or --data-path (use one), not both")
+        config = config or DEFAULT_MODEL_CONFIG
+    elif config is None:
+        raise ConfigError("--config is required (or --model to train straight from a model)")
+    cfg = load_run_config(config, overrides, out_dir=args.out_dir, data_path=data_path)  # bad config fails first
+    if args.print_config and args.model is None:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    if args.model is not None:
+        from ..corpus import load_corpus
+        from ..extract import cached_payload, require_extract_extra
+        from ..sources import resolve_model
+        from .extract import settings_from_args
+
+        require_extract_extra("srp-jax train --model")
+        settings = settings_from_args(args)
+        corpus = load_corpus(args.corpus, min_chars=args.min_chars)
+        corpus.prompts(settings.n_prompts)
+        spec = resolve_model(args.model, revision=args.revision)
+        payload = cached_payload(spec, corpus, settings, cache_dir=args.payload_cache, device=args.device)
+        print(f"[train] payload: {payload}", file=sys.stderr, flush=True)
+        cfg = load_run_config(config, args.overrides, out_dir=args.out_dir, data_path=str(payload))
+        if args.print_config:
+            sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
     from ..train.loop import TrainingInterrupted, train
 
     try:
