@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
 HELP = "decompose a model's next-token logit for a prompt into dictionary features (extra: extract)"
 DESCRIPTION = """\
 Run the model on --prompt, take the hidden state at the lm_head input of the last token, and
@@ -45,6 +43,8 @@ def _single_token(tokenizer, text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np  # here, not at module level: --help stays fast
+
     from ..dictionary import load_factorizer
     from ..extract import HiddenStates, load_model, model_softcap, require_extract_extra
     from ..gate import explain
