@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import factorizers as F
+from .. import sharding as SH
 from .._atomic import write_text_atomic
 from .._lazy import require_torch
 from .._version import __version__
@@ -41,9 +42,8 @@ from ..dictionary import Dictionary, load_dictionary
 from ..metrics import evaluate, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError
-from .compiled import compile_training
-from .sampling import TrainData
-from .state import TrainState, init_train_state
+from .compiled import setup_training
+from .state import TrainState
 from .step import StepSpec, make_optimizer
 
 STATE_DIR = "train_state"
@@ -204,19 +204,26 @@ def run_training(
     *,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    mesh: Any = "config",
 ) -> dict[str, Any]:
     """Train (or resume) on ``dataset``. Returns ``{state, history, train_seconds, steps_run,
-    mean_l0_train, spec}``. With ``out_dir`` the state is saved under ``out_dir/train_state``."""
+    mean_l0_train, spec, mesh}``. With ``out_dir`` the state is saved under
+    ``out_dir/train_state``. ``mesh``: a ``jax.sharding.Mesh``, None (one device) or
+    ``"config"`` (from ``cfg.mesh``, see :func:`srp_jax.sharding.mesh_from_config`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tcfg, fcfg = cfg.training, cfg.factorizer
     weights = row_sampling_weights(dataset, tcfg.row_sampling)
     spec = StepSpec.build(fcfg, tcfg, dataset.d_model, dataset.hidden_train.shape[0], dataset.top_targets.shape[1])
-    data = TrainData.from_dataset(dataset, weights, spec.prism_ranks)
     optimizer = make_optimizer(tcfg)  # built once: the step and the state share it
-    fns = compile_training(spec, optimizer)
-
-    def fresh_state() -> TrainState:
-        return init_train_state(cfg.init_seed, fcfg, tcfg, dataset.d_model, optimizer, dataset.rows_normalized, weights)
+    if isinstance(mesh, str):
+        mesh = SH.mesh_from_config(cfg.mesh)
+    setup = setup_training(
+        spec, optimizer, dataset, weights, init_seed=cfg.init_seed, mesh=mesh, approx_recall=cfg.mesh.approx_recall
+    )
+    fns, data = setup.fns, setup.data
+    if mesh is not None:
+        log(f"[mesh] data={SH.mesh_shape(mesh)[0]} model={SH.mesh_shape(mesh)[1]} over {mesh.devices.size} devices, "
+            f"{jax.process_count()} process(es)")
 
     history: list[dict[str, Any]] = []
     elapsed_prev = 0.0
@@ -225,14 +232,14 @@ def run_training(
     if out_dir is not None:
         state_dir = Path(out_dir) / STATE_DIR
         manager = _manager(state_dir)
-        restored = _restore(manager, jax.eval_shape(fresh_state), state_dir)
+        restored = _restore(manager, setup.abstract, state_dir)
         if restored is not None:
             state, extra = restored
             history = list(extra.get("history", []))
             elapsed_prev = float(extra.get("elapsed_seconds", 0.0))
             log(f"[resume] {Path(out_dir).name}: step {int(state.step)}/{tcfg.steps} ({elapsed_prev:.1f}s already)")
     if state is None:
-        state = fresh_state()
+        state = setup.init()
     start = int(state.step)
     steps = tcfg.steps
     progress = progress or Progress(steps)
@@ -286,6 +293,7 @@ def run_training(
         "mean_l0_train": float(state.l0_sum) / count if count > 0 else float("nan"),
         "spec": spec,
         "sample_weights": weights,
+        "mesh": mesh,
     }
 
 
@@ -349,9 +357,13 @@ def train(
     (``overrides`` / ``out_dir`` / ``data_path`` as the CLI's ``--set`` / ``--out-dir`` /
     ``--data-path``). A finished run directory (``DONE`` + finite ``metrics.json``) is not
     retrained: its metrics are returned. Raises :class:`TrainingInterrupted` on SIGTERM/SIGINT
-    (after saving the state).
+    (after saving the state). In a multi-process run (``jax.distributed``) every process calls
+    this; process 0 alone logs and writes the run files.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    primary = SH.is_primary()
+    if not primary:  # process 0 logs for the run
+        log, progress = (lambda msg: None), Progress(1, stream=open(os.devnull, "w"), enabled=False)
     if isinstance(config, RunConfig):
         cfg = config if not (overrides or out_dir or data_path) else load_run_config(
             config.to_dict(), overrides, out_dir=None if out_dir is None else str(out_dir), data_path=data_path
@@ -379,8 +391,8 @@ def train(
     raw["run"] = {**(raw.get("run") or {}), "output_dir": str(out)}
     dictionary = Dictionary(
         config=cfg.factorizer,
-        params=jax.device_get(state.params),
-        buffers=jax.device_get(state.buffers),
+        params=SH.to_host(state.params),
+        buffers=SH.to_host(state.buffers),
         d_model=dataset.d_model,
         **dataset.readout().stats(),
         evaluation=dict(raw.get("evaluation") or {}),
@@ -434,12 +446,28 @@ def train(
         "package_version": _package_version(),
         "git_commit": commit,
     }
+    if primary:
+        _write_run_files(out, cfg, raw, dictionary, dataset, metrics, compute_meta, result["history"], want_pt, log)
+    SH.sync_processes("srp-jax train: run files written")
+    log(
+        "[result] "
+        + " ".join(
+            f"{key}={_fmt(metrics.get(key))}"
+            for key in ("selection_score", "row_centered_ev", "val_top1_match", "val_logit_kl_bits_mean",
+                        "dead_feature_rate", "rare_feature_rate", "train_seconds")
+        )  # fmt: skip
+    )
+    return metrics
+
+
+def _write_run_files(out, cfg, raw, dictionary, dataset, metrics, compute_meta, history, want_pt, log) -> None:
+    """Process 0's outputs of a finished run (``DONE`` last)."""
     import yaml
 
     write_json_atomic(out / "compute_meta.json", compute_meta)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "history.json", {"history": result["history"]})
+    write_json_atomic(out / "history.json", {"history": history})
     usage = _usage_counts(dictionary, dataset, cfg.evaluation)
     write_json_atomic(out / "feature_labels.json", feature_labels(dictionary, dataset, usage))
     if cfg.artifacts.save_checkpoint:
@@ -453,15 +481,6 @@ def train(
         write_text_atomic(report, run_report(cfg.run.name, metrics, raw))
         log(f"[report] {report}")
     write_text_atomic(out / "DONE", "done\n")
-    log(
-        "[result] "
-        + " ".join(
-            f"{key}={_fmt(metrics.get(key))}"
-            for key in ("selection_score", "row_centered_ev", "val_top1_match", "val_logit_kl_bits_mean",
-                        "dead_feature_rate", "rare_feature_rate", "train_seconds")
-        )  # fmt: skip
-    )
-    return metrics
 
 
 def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:
