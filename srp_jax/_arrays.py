@@ -59,6 +59,14 @@ def as_float_array(
         if ndim is not None and arr.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
             raise ShapeError(f"{name} must have rank {ndim}, got shape {tuple(arr.shape)}")
         return arr.astype(dtype)
+    return jnp.asarray(as_host_float_array(x, name=name, ndim=ndim, dtype=dtype, check_finite=check_finite))
+
+
+def as_host_float_array(
+    x: Any, *, name: str, ndim: int | tuple[int, ...] | None = None, dtype=np.float32, check_finite: bool = True
+) -> np.ndarray:
+    """:func:`as_float_array`'s checks, returning a host NumPy array (to place on a mesh
+    without a copy on the default device)."""
     arr_np = to_numpy(x, name=name)
     kind = arr_np.dtype.kind
     if not (kind == "f" or arr_np.dtype == ml_dtypes.bfloat16):
@@ -70,7 +78,7 @@ def as_float_array(
     if check_finite and arr_np.size and not np.all(np.isfinite(arr_np.astype(np.float32))):
         bad = int(np.size(arr_np) - np.count_nonzero(np.isfinite(arr_np.astype(np.float32))))
         raise NonFiniteError(f"{name} contains {bad} NaN/Inf value(s)")
-    return jnp.asarray(arr_np, dtype=dtype)
+    return np.asarray(arr_np, dtype=dtype)
 
 
 def as_index_array(x: Any, *, name: str, ndim: int | None = None, upper: int | None = None) -> np.ndarray:

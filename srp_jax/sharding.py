@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .compile import DATA, MESH_AXES, MODEL
+from .compile import DATA, MESH_AXES, MODEL, mesh_context
 from .config import FactorizerConfig, MeshConfig
 from .errors import ConfigError
 
@@ -353,6 +353,7 @@ def to_host(tree: Any) -> Any:
 
 __all__ = [
     "BATCH_RULES",
+    "mesh_context",
     "resolve_mesh_shape",
     "make_mesh",
     "mesh_from_config",

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "train": "train",
     "convert": "convert",
     "hub": "hub",
+    "plan": "plan",
 }
 
 

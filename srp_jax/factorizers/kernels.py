@@ -88,7 +88,7 @@ def topk_mask(acts: jax.Array, k: int) -> jax.Array:
         return acts
     if kk <= 0:
         return jnp.zeros_like(acts)
-    if S.rows_sharded(acts):  # D split over the mesh's model axis
+    if S.rows_sharded(acts):  # on a mesh: never gather the (B, D) activation
         return jnp.where(S.topk_rows_mask(acts, kk), acts, jnp.zeros((), acts.dtype))
     values, indices = topk_sparse(acts, kk)
     return scatter_rows(values, indices, D)

@@ -69,46 +69,50 @@ def _row_axis(rows: int) -> str | None:
     return DATA if n > 1 and rows % n == 0 else None
 
 
+def _col_parts(D: int) -> int:
+    """How many ``model`` shards split a latent axis of size ``D`` (1 when it does not divide)."""
+    m = mesh_axis_size(MODEL)
+    return m if m > 1 and D % m == 0 else 1
+
+
 def rows_sharded(acts: jax.Array) -> bool:
-    """True when a per-row top-k over ``acts`` (B, D) should take the latent-sharded path:
-    a mesh with ``model`` > 1 that divides D."""
-    m = mesh_axis_size(MODEL)
-    return acts.ndim == 2 and m > 1 and acts.shape[1] % m == 0
+    """True when a top-k over ``acts`` (B, D) should take the sharded path: a mesh whose
+    ``model`` axis divides D or whose ``data`` axis divides B (XLA would otherwise gather the
+    activation for its top-k, even when only the batch is split)."""
+    return acts.ndim == 2 and (_col_parts(acts.shape[1]) > 1 or _row_axis(acts.shape[0]) is not None)
 
 
-def batch_sharded(acts: jax.Array) -> bool:
-    """True when a batch-wide top-n over ``acts`` (B, D) should take the sharded path: the
-    block is split over some mesh axis (``model`` dividing D, or ``data`` dividing B)."""
-    if acts.ndim != 2:
-        return False
-    m = mesh_axis_size(MODEL)
-    return (m > 1 and acts.shape[1] % m == 0) or _row_axis(acts.shape[0]) is not None
+batch_sharded = rows_sharded  # the same condition for the batch-wide top-n
 
 
 def topk_rows_mask(acts: jax.Array, k: int) -> jax.Array:
-    """Boolean (B, D) mask of the ``k`` largest entries per row of a D-sharded ``acts``
+    """Boolean (B, D) mask of the ``k`` largest entries per row of a sharded ``acts``
     (1 <= k < D). No gradient flows through the mask."""
     acts = jax.lax.stop_gradient(acts)
     B, D = acts.shape
-    M = mesh_axis_size(MODEL)
+    M = _col_parts(D)
     D_local = D // M
     k_local = min(k, D_local)
     row_axis = _row_axis(B)
+    col_axis = MODEL if M > 1 else None
 
     def block(a: jax.Array) -> jax.Array:
-        offset = jax.lax.axis_index(MODEL) * D_local
+        offset = jax.lax.axis_index(MODEL) * D_local if col_axis else 0
         vals, idx = local_top_k(a, k_local)
-        gidx = idx.astype(jnp.int32) + offset
-        # candidates in shard order, each shard's in index order among ties: global index order
-        cand_v = jax.lax.all_gather(vals, MODEL, axis=1, tiled=True)  # (B_l, M * k_local)
-        cand_i = jax.lax.all_gather(gidx, MODEL, axis=1, tiled=True)
-        _, pos = jax.lax.top_k(cand_v, k)
-        win = jnp.take_along_axis(cand_i, pos, axis=1) - offset  # (B_l, k) local columns
-        win = jnp.where((win >= 0) & (win < D_local), win, D_local)  # others: out of range
+        if col_axis is None:  # D whole on this device: the local top-k is the answer
+            win = idx
+        else:
+            gidx = idx.astype(jnp.int32) + offset
+            # candidates in shard order, each shard's in index order among ties: global index order
+            cand_v = jax.lax.all_gather(vals, MODEL, axis=1, tiled=True)  # (B_l, M * k_local)
+            cand_i = jax.lax.all_gather(gidx, MODEL, axis=1, tiled=True)
+            _, pos = jax.lax.top_k(cand_v, k)
+            win = jnp.take_along_axis(cand_i, pos, axis=1) - offset  # (B_l, k) local columns
+            win = jnp.where((win >= 0) & (win < D_local), win, D_local)  # others: out of range
         rows = jnp.arange(a.shape[0])[:, None]
         return jnp.zeros(a.shape, bool).at[rows, win].set(True, mode="drop")
 
-    spec = P(row_axis, MODEL)
+    spec = P(row_axis, col_axis)
     return jax.shard_map(block, in_specs=spec, out_specs=spec)(acts)
 
 
@@ -120,7 +124,7 @@ def topk_batch_mask(acts: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     B, D = acts.shape
     if B * D >= 2**31:
         raise ValueError(f"batch top-k over {B} x {D} entries needs int64 flat indices (B*D >= 2**31)")
-    M = mesh_axis_size(MODEL) if D % mesh_axis_size(MODEL) == 0 else 1
+    M = _col_parts(D)
     row_axis = _row_axis(B)
     R = mesh_axis_size(DATA) if row_axis else 1
     B_local, D_local = B // R, D // M
@@ -143,7 +147,8 @@ def topk_batch_mask(acts: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         inside = (rows >= 0) & (rows < B_local) & (cols >= 0) & (cols < D_local)
         rows = jnp.where(inside, rows, B_local)
         mask = jnp.zeros(a.shape, bool).at[rows, cols].set(True, mode="drop")
-        return mask, jnp.min(top_v)
+        # the same on every device; pmax tells shard_map the value is replicated
+        return mask, jax.lax.pmax(jnp.min(top_v), gather_axes)
 
     spec = P(row_axis, col_axis)
     return jax.shard_map(block, in_specs=spec, out_specs=(spec, P()))(acts)

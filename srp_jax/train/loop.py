@@ -402,9 +402,12 @@ def train(
         "max_dead_feature_rate": cfg.score_thresholds.max_dead_feature_rate,
         "max_val_logit_kl_bits_mean": cfg.score_thresholds.max_val_logit_kl_bits_mean,
     }
-    metrics = dict(
-        evaluate(dictionary, dataset.readout(), dataset.hidden_val, evaluation=cfg.evaluation, mode="reference", thresholds=thresholds)
-    )
+    mesh = result["mesh"]  # on a mesh, evaluation runs there too (params as trained, rows split)
+    on_mesh = dictionary if mesh is None else dictionary.replace(params=state.params, buffers=state.buffers)
+    with SH.mesh_context(mesh):
+        metrics = dict(
+            evaluate(on_mesh, dataset.readout(), dataset.hidden_val, evaluation=cfg.evaluation, mode="reference", thresholds=thresholds)
+        )
     ctrl_on = result["spec"].controller_on
     device = jax.devices()[0]
     commit = _git_commit()
