@@ -41,7 +41,7 @@ import numpy as np
 from . import factorizers as F
 from . import sharding as SH
 from .compile import DATA, compiled, mesh_axis_size
-from ._arrays import as_float_array, as_host_float_array, check_last_dim
+from ._arrays import as_float_array, as_host_float_array, check_last_dim, is_spread
 from .config import EvaluationConfig, resolve_eval_k
 from .dictionary import inference_view
 from .errors import ConfigError, ShapeError
@@ -541,10 +541,15 @@ def _evaluation_config(evaluation: Any, dictionary) -> EvaluationConfig:
     return EvaluationConfig.from_dict(block, strict=False)
 
 
+def _input(x: Any, name: str, ndim: int) -> Any:
+    """A checked input: kept where it is when already spread over a mesh, else host NumPy."""
+    return as_float_array(x, name=name, ndim=ndim) if is_spread(x) else as_host_float_array(x, name=name, ndim=ndim)
+
+
 def _place_inputs(W, X, A, mu, H):
-    """Host arrays -> device arrays: on the default device, or, inside ``jax.set_mesh``, on
-    the mesh with the vocabulary rows split over ``data`` (when they divide evenly; else
-    replicated) and the rest replicated, shard by shard (no full copy on one device)."""
+    """Inputs -> device arrays: on the default device, or, inside ``jax.set_mesh``, on the mesh
+    with the vocabulary rows split over ``data`` (when they divide evenly; else replicated) and
+    the rest replicated, placed shard by shard (no full copy on one device)."""
     mesh = jax.sharding.get_mesh()
     if mesh is None or getattr(mesh, "empty", True) or mesh.devices.size == 1:
         return tuple(jnp.asarray(a) for a in (W, X, A, mu, H))
@@ -608,10 +613,10 @@ def evaluate(
             if not (math.isfinite(cap) and cap > 0):
                 raise ConfigError(f"softcap must be a positive number, got {cap!r}")
     d = dictionary.d_model
-    W = as_host_float_array(fields["W_U"], name="readout.W_U", ndim=2)
-    X = as_host_float_array(fields["rows_normalized"], name="readout.rows_normalized", ndim=2)
-    mu = as_host_float_array(fields["row_mean"], name="readout.row_mean", ndim=1)
-    A = as_host_float_array(fields["row_norms"], name="readout.row_norms", ndim=1)
+    W = _input(fields["W_U"], "readout.W_U", 2)
+    X = _input(fields["rows_normalized"], "readout.rows_normalized", 2)
+    mu = _input(fields["row_mean"], "readout.row_mean", 1)
+    A = _input(fields["row_norms"], "readout.row_norms", 1)
     for name, arr in (("readout.W_U", W), ("readout.rows_normalized", X), ("readout.row_mean", mu)):
         check_last_dim(name, arr, d)
     V = int(W.shape[0])
@@ -621,7 +626,7 @@ def evaluate(
         )
     if V == 0:
         raise ShapeError("readout has no rows")
-    H = as_host_float_array(hidden, name="hidden", ndim=2)
+    H = _input(hidden, "hidden", 2)
     check_last_dim("hidden", H, d)
 
     ev = _evaluation_config(evaluation, dictionary)

@@ -227,10 +227,11 @@ def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global array with ``sharding`` built from host data shard by shard: each process
     reads only the slices its devices hold, so no device sees the whole array (works on one
     or many hosts; every host must pass the same ``value``)."""
-    if isinstance(value, jax.Array) and value.sharding == sharding:
-        return value
-    if isinstance(value, jax.Array) and value.is_fully_addressable:
-        value = np.asarray(value)
+    if isinstance(value, jax.Array):
+        if value.sharding == sharding:
+            return value
+        if len(value.sharding.device_set) > 1 or not value.is_fully_addressable:
+            return jax.device_put(value, sharding)  # device to device: a reshard, no host copy
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -191,6 +191,65 @@ def check_shard_checksums(tmp: str) -> None:
     print(f"MEASURE shard-checksums blocks={stats['blocks_verified']}")
 
 
+def vocab_gathers(hlo: str, n_rows: int, d: int) -> list[str]:
+    """all-gathers whose result is at least a whole (n_rows, d) readout and has a d axis."""
+    import re
+
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*\(?\s*[a-z0-9]+\[([0-9,]*)\][^=]*?all-gather(?:-start)?\(", line)
+        if m:
+            dims = [int(x) for x in m.group(1).split(",") if x]
+            if d in dims and int(np.prod(dims)) >= n_rows * d:
+                found.append(line.strip()[:160])
+    return found
+
+
+def check_eval() -> None:
+    """evaluate() on a mesh (rows split over data, D over model) gives the one-device
+    metrics, and its compiled program never all-gathers the vocabulary."""
+    from srp_jax import metrics as M
+    from srp_jax.readout import Readout
+    from conftest import random_dictionary
+
+    rng = np.random.default_rng(3)
+    V, d, D = 1024, 24, 64
+    W = (rng.normal(size=(V, d)) + 0.2).astype(np.float32)
+    readout = Readout.from_weights(W)
+    H = (2.0 * rng.normal(size=(40, d))).astype(np.float32)
+    ev = {"k": 6, "max_eval_rows": 768, "max_eval_hidden": 40}
+    for arch in ("topk", "batch_topk", "gated"):
+        dic = random_dictionary(arch, d=d, D=D)
+        for mode in ("reference", "full"):
+            want = M.evaluate(dic, readout, H, evaluation=ev, mode=mode, row_batch=256, hidden_batch=16)
+            for shape in ((4, 2), (1, 8), (8, 1)):
+                mesh = SH.make_mesh(*shape)
+                sh = SH.tree_shardings(mesh, {"params": dic.params, "buffers": dic.buffers}, SH.param_rules(dic.config))
+                placed = dic.replace(params=SH.place_tree(dic.params, sh["params"]), buffers=SH.place_tree(dic.buffers, sh["buffers"]))
+                with SH.mesh_context(mesh):
+                    got = M.evaluate(placed, readout, H, evaluation=ev, mode=mode, row_batch=256, hidden_batch=16)
+                for key, value in want.items():
+                    if isinstance(value, float) and not np.isnan(value):
+                        assert abs(got[key] - value) <= 1e-5 * max(1.0, abs(value)), (arch, mode, shape, key, got[key], value)
+                    else:
+                        assert got[key] == value or (value != value and got[key] != got[key]), (arch, mode, shape, key)
+        # the compiled evaluation keeps the vocabulary split
+        mesh = SH.make_mesh(4, 2)
+        sh = SH.tree_shardings(mesh, {"params": dic.params}, SH.param_rules(dic.config))["params"]
+        with SH.mesh_context(mesh):
+            Wp, Xp, Ap, mup, Hp = M._place_inputs(np.asarray(readout.W_U), np.asarray(readout.rows_normalized),
+                                                   np.asarray(readout.row_norms), np.asarray(readout.row_mean), H)
+            assert Wp.sharding.spec == P("data", None)
+            lowered = M._evaluate_core.lower(
+                dic.config, SH.place_tree(dic.params, sh), dic.buffers, Wp, Xp, Ap, mup, Hp, jnp.float32(1.0),
+                k=6, row_batch=256, hidden_batch=16, overlap_k=5, top_c=8, use_cap=False, wide=False, clamp=False,
+            )
+            hlo = lowered.compile().as_text()
+        assert "all-gather" in hlo or "all-reduce" in hlo  # it is a distributed program
+        assert not vocab_gathers(hlo, V, d), vocab_gathers(hlo, V, d)[:3]
+    print("MEASURE eval on mesh == one device (1e-5); no vocabulary all-gather")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     assert jax.device_count() == 8, jax.device_count()

@@ -173,12 +173,13 @@ def test_every_architecture_matches_one_device_on_every_mesh():
 
 
 @pytest.mark.slow
-def test_sharded_topk_checkpoints_and_block_checksums(tmp_path):
+def test_sharded_topk_checkpoints_checksums_and_evaluation(tmp_path):
     """Latent-sharded top-k == lax.top_k with ties; a (4,2) run resumes on (1,8) and one
-    device bit-identically; a sharded dictionary restore checks block checksums per shard."""
+    device bit-identically; a sharded dictionary restore checks block checksums per shard;
+    evaluation on a mesh matches one device and never all-gathers the vocabulary."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _worker("topk,checkpoint,shard_checksums", str(tmp_path / "a"), str(tmp_path / "b"))
+    _worker("topk,checkpoint,shard_checksums,eval", str(tmp_path / "a"), str(tmp_path / "b"))
 
 
 TINY = [
