@@ -336,6 +336,16 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """True when ``flag`` is True on any process (every process must call this: in a
+    multi-process run it is a small collective; alone, ``flag`` itself)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
 def to_host(tree: Any) -> Any:
     """Every leaf as a full host NumPy array, on every process (a collective gather for
     arrays spread over hosts: every process must call it, in the same order)."""
@@ -376,5 +386,6 @@ __all__ = [
     "initialize_distributed",
     "is_primary",
     "sync_processes",
+    "any_process",
     "to_host",
 ]

@@ -269,13 +269,14 @@ def run_training(
                     (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or step == steps
                 ):
                     _save(manager, state, extra_now())
-                if caught:
+                if SH.any_process(bool(caught)):  # multi-host: every process stops at this step
                     if manager is not None:
                         _save(manager, state, extra_now())
                         manager.wait_until_finished()
                     progress.close()
-                    raise TrainingInterrupted(caught[0], step, Path(out_dir) if out_dir else Path("."))
-            if caught and manager is not None:  # a signal during the last step / before the loop
+                    signum = caught[0] if caught else signal.SIGTERM  # a peer was signalled
+                    raise TrainingInterrupted(signum, step, Path(out_dir) if out_dir else Path("."))
+            if SH.any_process(bool(caught)) and manager is not None:  # a signal during the last step
                 _save(manager, state, extra_now())
         jax.block_until_ready(state.params)
     finally:
