@@ -1,7 +1,9 @@
 """Per-device memory of every published operating point on common slices (docs/scaling.md).
 
 Compiles (never runs) each config's train step with `srp_jax.train.plan.plan_training` on fake
-CPU devices and prints a markdown table of the step's per-device peak:
+CPU devices and prints a markdown table of the per-device peak of training: the step's peak
+plus the sampler's resident data (its share of W_U and rows_normalized), which stays on the
+devices while the step runs:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python bench/plan_table.py
 
@@ -44,7 +46,7 @@ def main() -> int:
         for data, model in MESHES:
             r = plan_training(cfg, data=data, model=model, d_model=entry.d_model, vocab_rows=vocab)
             assert not r.activation_gathers, (entry.path, (data, model), r.activation_gathers)
-            peaks[(data, model)] = r.step_peak
+            peaks[(data, model)] = r.step_peak + r.sampler_data
             state_total = (r.params + r.opt_state) * (model if data == 1 else 1)
         fits = [
             "yes" if peaks[(1, 4)] < HBM["v4-8"] else "no",

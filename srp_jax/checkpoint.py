@@ -490,17 +490,22 @@ def _file_problem(path: Path, rel: str, info: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _verify_files(path: Path, files: Mapping[str, Any], *, shared: bool = False) -> None:
-    """Check every file's size and sha256. ``shared`` (a restore every process takes part in):
-    process i checks files i, i+n, ... and the verdicts are exchanged."""
-    items = sorted(files.items())
-    if not shared or jax.process_count() == 1:
-        for rel, info in items:
-            if (problem := _file_problem(path, rel, info)) is not None:
-                raise CheckpointError(f"{path}: {problem}")
+def _verify_files(path: Path, files: Mapping[str, Any]) -> None:
+    """Check every file's size and sha256."""
+    for rel, info in sorted(files.items()):
+        if (problem := _file_problem(path, rel, info)) is not None:
+            raise CheckpointError(f"{path}: {problem}")
+
+
+def _verify_files_shared(path: Path, files: Mapping[str, Any]) -> None:
+    """:func:`_verify_files` for a restore every process takes part in: process i checks
+    files i, i+n, ... and the verdicts are exchanged (each file is read once in all)."""
+    if jax.process_count() == 1:
+        _verify_files(path, files)
         return
     from jax.experimental import multihost_utils
 
+    items = sorted(files.items())
     me, n = jax.process_index(), jax.process_count()
     problem = next((p for rel, info in items[me::n] if (p := _file_problem(path, rel, info)) is not None), None)
     verdicts = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
@@ -600,8 +605,10 @@ def _sharding_trees(sharding: Any, names: list[str]) -> dict[str, Any]:
 def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedCheckpoint:
     """Verify and restore an srp-jax checkpoint (or a run directory's ``checkpoint/``).
 
-    ``sharding`` places params and buffers (see :func:`_sharding_trees`); when it spans
-    several processes, every process must call this (a collective restore)."""
+    ``sharding`` places params and buffers: a ``jax.sharding.Mesh`` (laid out by
+    :func:`srp_jax.sharding.param_rules`), one Sharding, or a tree of them (see
+    :func:`_sharding_trees`); when it spans several processes, every process must call this
+    (a collective restore)."""
     path = resolve_checkpoint_dir(path)
     content = _read_metadata(path)
     try:
@@ -621,9 +628,17 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
         raise CheckpointError(f"{path}: the factorizer block is not a dict")
     cfg = FactorizerConfig.from_dict(factorizer_block, strict=False)
     device_names = [n for n in arrays_meta if n.split("/")[0] in ("params", "buffers")]
+    if isinstance(sharding, jax.sharding.Mesh):  # lay the arrays out by the partition rules
+        from . import sharding as SH
+
+        shapes_tree = _unflatten({n: jax.ShapeDtypeStruct(shapes[n], dtypes[n]) for n in device_names})
+        sharding = SH.tree_shardings(sharding, shapes_tree, SH.param_rules(cfg), what=f"{path}: ")
     shardings = _sharding_trees(sharding, device_names)
     local = all(s.is_fully_addressable for s in shardings.values())
-    _verify_files(path, files, shared=not local)
+    if local:
+        _verify_files(path, files)
+    else:
+        _verify_files_shared(path, files)
     target: dict[str, Any] = {}
     for name in arrays_meta:
         if name in shardings:

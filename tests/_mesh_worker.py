@@ -155,8 +155,10 @@ def check_checkpoint(tmp: str) -> None:
     path = save_dictionary(d, tmp / "dict")
     mesh = SH.make_mesh(1, 8)
     sh = SH.tree_shardings(mesh, {"params": saved.params}, SH.param_rules(cfg.factorizer))
-    for sharding in (sh, None):
+    for sharding in (sh, mesh, None):  # explicit shardings, the rules on a mesh, one device
         loaded = load_checkpoint(path, sharding=sharding).contents
+        if sharding is mesh:
+            assert loaded["params"]["encoder"]["kernel"].sharding.spec == P(None, "model")
         for a, b in zip(jax.tree.leaves(host.params), jax.tree.leaves(loaded["params"])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     print("MEASURE checkpoint (4,2)->(1,8),(1,1) bit-identical")

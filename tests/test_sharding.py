@@ -150,6 +150,30 @@ def test_activation_gathers_finds_gathered_activation_rows():
     assert len(found) == 2 and "1024,131072" in found[0] and "64,131072" in found[1]
 
 
+def test_approx_max_k_reaches_the_training_step_only():
+    """mesh.topk: approx_max_k puts approx_max_k into the compiled train step (and nowhere
+    else: the library encode stays exact)."""
+    from srp_jax import factorizers as F
+    from srp_jax.train.compiled import compile_training
+    from srp_jax.train.sampling import Batch
+    from srp_jax.train.step import StepSpec
+
+    cfg = load_run_config("smoke", ["factorizer.architecture=topk", "factorizer.d_features=32", "factorizer.k=4",
+                                    "factorizer.k_values=[]", "factorizer.matryoshka_weights=[]",
+                                    "training.lambda_prism=0", "mesh.topk=approx_max_k"])  # fmt: skip
+    spec = StepSpec.build(cfg.factorizer, cfg.training, 8, 0)
+    opt = make_optimizer(cfg.training)
+    state = jax.eval_shape(lambda: init_train_state(0, cfg.factorizer, cfg.training, 8, opt))
+    batch = Batch(x=jax.ShapeDtypeStruct((cfg.training.batch_size, 8), np.float32))
+    for recall, want in ((cfg.mesh.approx_recall, True), (None, False)):
+        fns = compile_training(spec, opt, approx_recall=recall)
+        text = str(fns.step.trace(state, batch).jaxpr)
+        assert ("approx_top_k" in text) is want and "top_k" in text
+    params = jax.eval_shape(lambda: F.init_factorizer(jax.random.PRNGKey(0), cfg.factorizer, 8)[0])
+    enc = str(jax.make_jaxpr(lambda p, x: F.encode(cfg.factorizer, p, {}, x, 4))(params, batch.x))
+    assert "approx_top_k" not in enc
+
+
 def test_plan_mesh_argument():
     from srp_jax.cli.plan import parse_mesh, registry_shape
 
