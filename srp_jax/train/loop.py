@@ -221,6 +221,9 @@ def run_training(
         spec, optimizer, dataset, weights, init_seed=cfg.init_seed, mesh=mesh, approx_recall=cfg.mesh.approx_recall
     )
     fns, data = setup.fns, setup.data
+    # XLA:CPU runs several programs' collectives on a shared thread pool: on a multi-device CPU
+    # mesh, letting the next sampler start before the step ends can deadlock (rendezvous stuck)
+    serialize = mesh is not None and mesh.devices.flat[0].platform == "cpu"
     if mesh is not None:
         log(f"[mesh] data={SH.mesh_shape(mesh)[0]} model={SH.mesh_shape(mesh)[1]} over {mesh.devices.size} devices, "
             f"{jax.process_count()} process(es)")
@@ -254,6 +257,8 @@ def run_training(
             for step in range(start + 1, steps + 1):
                 batch = fns.sample(data, state.rng, state.step + 1)
                 state, metrics = fns.step(state, batch)
+                if serialize:
+                    jax.block_until_ready(state)
                 if step == 1 or step % tcfg.log_every == 0 or step == steps:
                     row = {
                         "step": step,
