@@ -310,6 +310,8 @@ def initialize_distributed(options: DistributedOptions | None = None) -> bool:
     if explicit and None in (options.coordinator, options.num_processes, options.process_id):
         raise ConfigError("a multi-process run needs all of --coordinator, --num-processes and --process-id "
                           "(or SRP_COORDINATOR_ADDRESS, SRP_NUM_PROCESSES, SRP_PROCESS_ID)")
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes (tests); TPUs ignore it
     try:
         if explicit:
@@ -319,6 +321,10 @@ def initialize_distributed(options: DistributedOptions | None = None) -> bool:
     except ValueError as exc:  # no cluster detected: a single-process run
         if options.mode == "on":
             raise ConfigError(f"cannot start jax.distributed: {exc}") from None
+        return False
+    except RuntimeError as exc:  # JAX already running in this process (e.g. a CLI call from Python)
+        if explicit or options.mode == "on":
+            raise ConfigError(f"cannot start jax.distributed: {str(exc).splitlines()[0]}") from None
         return False
     return jax.process_count() > 1
 

@@ -92,17 +92,16 @@ def check_topk() -> None:
     for shape in MESHES:
         mesh = SH.make_mesh(*shape)
         placed = jax.device_put(acts, NamedSharding(mesh, P("data", "model")))
-        for k in (1, 5, 8, 13, 63):
+        for k in (1, 5, 13):  # k below, equal-ish to and above a shard's width on (1, 8)
             want = np.asarray(K.topk_mask(jnp.asarray(acts), k))  # no mesh: the plain kernel
             with jax.set_mesh(mesh):
                 got = np.asarray(jax.jit(lambda a: K.topk_mask(a, k))(placed))
-                with approximate_topk(0.95):  # CPU approx_max_k: exact values, ties in any order
-                    approx = np.asarray(jax.jit(lambda a: K.topk_mask(a, k))(placed))
             np.testing.assert_array_equal(got, want, err_msg=f"rows {shape} k={k}")
-            # approximate: here (CPU) the same values, but ties may go to other indices
-            np.testing.assert_array_equal(np.sort(approx, axis=1), np.sort(want, axis=1), err_msg=f"approx {shape} k={k}")
-            assert ((approx != 0) | (want == 0)).sum(axis=1).min() >= 0 and (np.count_nonzero(approx, axis=1) <= k).all()
-        for n in (1, 7, 64, 200, 16 * 64):
+        with jax.set_mesh(mesh), approximate_topk(0.95):  # CPU approx_max_k: exact values, ties in any order
+            approx = np.asarray(jax.jit(lambda a: K.topk_mask(a, 5))(placed))
+        np.testing.assert_array_equal(np.sort(approx, axis=1), np.sort(want5 := np.asarray(K.topk_mask(jnp.asarray(acts), 5)), axis=1))
+        assert (np.count_nonzero(approx, axis=1) <= np.count_nonzero(want5, axis=1)).all()
+        for n in (7, 200, 16 * 64):
             flat = acts.reshape(-1)
             vals, idx = jax.lax.top_k(jnp.asarray(flat), n)
             want = np.zeros(flat.shape, np.float32)
@@ -220,35 +219,37 @@ def check_eval() -> None:
     readout = Readout.from_weights(W)
     H = (2.0 * rng.normal(size=(40, d))).astype(np.float32)
     ev = {"k": 6, "max_eval_rows": 768, "max_eval_hidden": 40}
-    for arch in ("topk", "batch_topk", "gated"):
+    cases = [("topk", "reference", ((4, 2), (1, 8))), ("topk", "full", ((2, 4),)),
+             ("batch_topk", "reference", ((4, 2),)), ("gated", "reference", ((8, 1),))]
+    for arch, mode, shapes in cases:
         dic = random_dictionary(arch, d=d, D=D)
-        for mode in ("reference", "full"):
-            want = M.evaluate(dic, readout, H, evaluation=ev, mode=mode, row_batch=256, hidden_batch=16)
-            for shape in ((4, 2), (1, 8), (8, 1)):
-                mesh = SH.make_mesh(*shape)
-                sh = SH.tree_shardings(mesh, {"params": dic.params, "buffers": dic.buffers}, SH.param_rules(dic.config))
-                placed = dic.replace(params=SH.place_tree(dic.params, sh["params"]), buffers=SH.place_tree(dic.buffers, sh["buffers"]))
-                with SH.mesh_context(mesh):
-                    got = M.evaluate(placed, readout, H, evaluation=ev, mode=mode, row_batch=256, hidden_batch=16)
-                for key, value in want.items():
-                    if isinstance(value, float) and not np.isnan(value):
-                        assert abs(got[key] - value) <= 1e-5 * max(1.0, abs(value)), (arch, mode, shape, key, got[key], value)
-                    else:
-                        assert got[key] == value or (value != value and got[key] != got[key]), (arch, mode, shape, key)
-        # the compiled evaluation keeps the vocabulary split
-        mesh = SH.make_mesh(4, 2)
-        sh = SH.tree_shardings(mesh, {"params": dic.params}, SH.param_rules(dic.config))["params"]
-        with SH.mesh_context(mesh):
-            Wp, Xp, Ap, mup, Hp = M._place_inputs(np.asarray(readout.W_U), np.asarray(readout.rows_normalized),
-                                                   np.asarray(readout.row_norms), np.asarray(readout.row_mean), H)
-            assert Wp.sharding.spec == P("data", None)
-            lowered = M._evaluate_core.lower(
-                dic.config, SH.place_tree(dic.params, sh), dic.buffers, Wp, Xp, Ap, mup, Hp, jnp.float32(1.0),
-                k=6, row_batch=256, hidden_batch=16, overlap_k=5, top_c=8, use_cap=False, wide=False, clamp=False,
-            )
-            hlo = lowered.compile().as_text()
-        assert "all-gather" in hlo or "all-reduce" in hlo  # it is a distributed program
-        assert not vocab_gathers(hlo, V, d), vocab_gathers(hlo, V, d)[:3]
+        want = M.evaluate(dic, readout, H, evaluation=ev, mode=mode, row_batch=256, hidden_batch=16)
+        for shape in shapes:
+            mesh = SH.make_mesh(*shape)
+            sh = SH.tree_shardings(mesh, {"params": dic.params, "buffers": dic.buffers}, SH.param_rules(dic.config))
+            placed = dic.replace(params=SH.place_tree(dic.params, sh["params"]), buffers=SH.place_tree(dic.buffers, sh["buffers"]))
+            with SH.mesh_context(mesh):
+                got = M.evaluate(placed, readout, H, evaluation=ev, mode=mode, row_batch=256, hidden_batch=16)
+            for key, value in want.items():
+                if isinstance(value, float) and not np.isnan(value):
+                    assert abs(got[key] - value) <= 1e-5 * max(1.0, abs(value)), (arch, mode, shape, key, got[key], value)
+                else:
+                    assert got[key] == value or (value != value and got[key] != got[key]), (arch, mode, shape, key)
+    # the compiled evaluation keeps the vocabulary split
+    dic = random_dictionary("topk", d=d, D=D)
+    mesh = SH.make_mesh(4, 2)
+    sh = SH.tree_shardings(mesh, {"params": dic.params}, SH.param_rules(dic.config))["params"]
+    with SH.mesh_context(mesh):
+        Wp, Xp, Ap, mup, Hp = M._place_inputs(np.asarray(readout.W_U), np.asarray(readout.rows_normalized),
+                                               np.asarray(readout.row_norms), np.asarray(readout.row_mean), H)
+        assert Wp.sharding.spec == P("data", None)
+        lowered = M._evaluate_core.lower(
+            dic.config, SH.place_tree(dic.params, sh), dic.buffers, Wp, Xp, Ap, mup, Hp, jnp.float32(1.0),
+            k=6, row_batch=256, hidden_batch=16, overlap_k=5, top_c=8, use_cap=False, wide=False, clamp=False,
+        )
+        hlo = lowered.compile().as_text()
+    assert "all-gather" in hlo or "all-reduce" in hlo  # it is a distributed program
+    assert not vocab_gathers(hlo, V, d), vocab_gathers(hlo, V, d)[:3]
     print("MEASURE eval on mesh == one device (1e-5); no vocabulary all-gather")
 
 
@@ -262,5 +263,6 @@ if __name__ == "__main__":
         fn = globals()[f"check_{check}"]
         n = len(inspect.signature(fn).parameters) if fn is not check_equivalence else min(1, len(rest))
         args, rest = rest[:n], rest[n:]
+        t0 = time.perf_counter()
         fn(*args)
-        print(f"OK {check}", flush=True)
+        print(f"OK {check} ({time.perf_counter() - t0:.1f} s)", flush=True)

@@ -45,7 +45,7 @@ def _worker(*args: str, timeout: int = 600) -> str:
     proc = subprocess.run([sys.executable, str(WORKER), *args], env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for line in proc.stdout.splitlines():
-        if line.startswith("MEASURE"):
+        if line.startswith(("MEASURE", "OK")):
             print(line)
     return proc.stdout
 
