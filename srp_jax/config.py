@@ -464,18 +464,38 @@ class ArtifactsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """``mesh:`` device-mesh axis sizes (``data: -1`` = all remaining devices). Accepted and
-    validated now; used once sharding lands."""
+    """``mesh:`` the device mesh (see ``docs/scaling.md``): ``data`` / ``model`` axis sizes
+    (``-1`` = all the devices the other axis leaves; data * model = jax.device_count()),
+    and the training top-k: ``topk`` ``exact`` (default) or ``approx_max_k`` (TPU-fast,
+    approximate, keeps about ``topk_recall`` of each shard's true top-k; training only)."""
 
     data: int = -1
     model: int = 1
+    topk: str = "exact"
+    topk_recall: float = 0.95
 
     def __post_init__(self) -> None:
-        data = _as_int("mesh.data", self.data)
-        if data != -1 and data < 1:
-            raise ConfigError(f"mesh.data must be -1 (all devices) or >= 1, got {data}")
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "model", _as_int("mesh.model", self.model, minimum=1))
+        for name in ("data", "model"):
+            value = _as_int(f"mesh.{name}", getattr(self, name))
+            if value != -1 and value < 1:
+                raise ConfigError(f"mesh.{name} must be -1 (fill with the remaining devices) or >= 1, got {value}")
+            object.__setattr__(self, name, value)
+        if self.data == -1 and self.model == -1:
+            raise ConfigError("mesh.data and mesh.model cannot both be -1")
+        if self.topk not in TOPK_ALGORITHMS:
+            raise ConfigError(f"mesh.topk must be one of {', '.join(TOPK_ALGORITHMS)}, got {self.topk!r}")
+        recall = _as_float("mesh.topk_recall", self.topk_recall)
+        if not 0.0 < recall <= 1.0:
+            raise ConfigError(f"mesh.topk_recall must be in (0, 1], got {recall}")
+        object.__setattr__(self, "topk_recall", recall)
+
+    @property
+    def approx_recall(self) -> float | None:
+        """The ``approx_max_k`` recall target of training, or None (exact top-k)."""
+        return self.topk_recall if self.topk == "approx_max_k" else None
+
+
+TOPK_ALGORITHMS = ("exact", "approx_max_k")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -288,9 +288,11 @@ def load_dictionary(path: str | os.PathLike, *, sharding: Any = None) -> Diction
     """Load an srp-jax checkpoint directory (or a training run directory holding
     ``checkpoint/``) into a :class:`Dictionary`.
 
-    ``sharding``: None (default device), one ``jax.sharding.Sharding`` for every parameter and
-    buffer, or a pytree of them (``{"params": ..., "buffers": ...}`` or shaped like params);
-    arrays are restored directly onto it. Every array's checksum is verified.
+    ``sharding``: None (default device), a ``jax.sharding.Mesh`` (the partition rules of
+    :mod:`srp_jax.sharding`: D on ``model``), one ``jax.sharding.Sharding`` for every parameter
+    and buffer, or a pytree of them (``{"params": ..., "buffers": ...}`` or shaped like params);
+    arrays are restored directly onto it. Every array's checksum is verified (shard by shard
+    on a mesh).
     """
     return Dictionary(**load_checkpoint(path, sharding=sharding).contents)
 

@@ -25,6 +25,17 @@ The run directory gets checkpoint/ (srp-jax), train_state/ (Orbax, for resuming)
 metrics.json, history.json, compute_meta.json, feature_labels.json, DONE, and checkpoint.pt
 with --export-pt. Rerunning the same command resumes an interrupted run; a finished one
 (DONE) is skipped. SIGTERM / Ctrl-C save the state and exit (status 143 / 130).
+
+On several devices the run uses the `mesh:` block (default data=-1, model=1: all devices split
+the batch); the latent axis is split with mesh.model (see docs/scaling.md):
+
+  srp-jax train --config smoke --set mesh.data=4 --set mesh.model=2 --out-dir /tmp/smoke-mesh
+
+Multi-host runs start the same command on every host. On Cloud TPU (and SLURM, Open MPI,
+Kubernetes) jax.distributed finds its peers by itself; elsewhere name them:
+
+  srp-jax train --config smoke --out-dir /shared/run --coordinator host0:8476 --num-processes 2 --process-id 0
+  (or SRP_COORDINATOR_ADDRESS / SRP_NUM_PROCESSES / SRP_PROCESS_ID)
 """
 
 DEFAULT_MODEL_CONFIG = "smollm2-cpu"
@@ -51,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("from a model (needs the extract extra)")
     add_extraction_arguments(group, model_required=False)
     group.add_argument("--payload-cache", default=None, help="folder of cached payloads (default <srp-jax cache>/payloads)")
+    dist = parser.add_argument_group("multi-host (jax.distributed)")
+    dist.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                      help="auto: start jax.distributed when a coordinator is named or a cluster is detected (default)")
+    dist.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (= SRP_COORDINATOR_ADDRESS)")
+    dist.add_argument("--num-processes", type=int, default=None, help="number of processes (= SRP_NUM_PROCESSES)")
+    dist.add_argument("--process-id", type=int, default=None, help="this process's index (= SRP_PROCESS_ID)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
         spec = resolve_model(args.model, revision=args.revision)
         payload = cached_payload(spec, corpus, settings, cache_dir=args.payload_cache, device=args.device)
         print(f"[train] payload: {payload}", file=sys.stderr, flush=True)
-        cfg = load_run_config(config, args.overrides, out_dir=args.out_dir, data_path=str(payload))
+        cfg = load_run_config(config, overrides, out_dir=args.out_dir, data_path=str(payload))
         if args.print_config:
             sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+    from ..sharding import DistributedOptions, initialize_distributed
     from ..train.loop import TrainingInterrupted, train
+
+    initialize_distributed(DistributedOptions.from_env(args.distributed, args.coordinator, args.num_processes, args.process_id))
 
     try:
         train(cfg, export_pt=args.export_pt)

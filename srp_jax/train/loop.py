@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import factorizers as F
+from .. import sharding as SH
 from .._atomic import write_text_atomic
 from .._lazy import require_torch
 from .._version import __version__
@@ -42,10 +43,9 @@ from ..dictionary import Dictionary, load_dictionary
 from ..metrics import evaluate, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError
-from .compiled import compile_training
-from .sampling import TrainData
+from .compiled import setup_training
+from .state import TrainState
 from .watch import MetricWatchers
-from .state import TrainState, init_train_state
 from .step import StepSpec, make_optimizer
 
 STATE_DIR = "train_state"
@@ -164,19 +164,29 @@ def run_training(
     *,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    mesh: Any = "config",
 ) -> dict[str, Any]:
     """Train (or resume) on ``dataset``. Returns ``{state, history, train_seconds, steps_run,
-    mean_l0_train, spec}``. With ``out_dir`` the state is saved under ``out_dir/train_state``."""
+    mean_l0_train, spec, mesh}``. With ``out_dir`` the state is saved under
+    ``out_dir/train_state``. ``mesh``: a ``jax.sharding.Mesh``, None (one device) or
+    ``"config"`` (from ``cfg.mesh``, see :func:`srp_jax.sharding.mesh_from_config`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tcfg, fcfg = cfg.training, cfg.factorizer
     weights = row_sampling_weights(dataset, tcfg.row_sampling)
     spec = StepSpec.build(fcfg, tcfg, dataset.d_model, dataset.hidden_train.shape[0], dataset.top_targets.shape[1])
-    data = TrainData.from_dataset(dataset, weights, spec.prism_ranks)
     optimizer = make_optimizer(tcfg)  # built once: the step and the state share it
-    fns = compile_training(spec, optimizer)
-
-    def fresh_state() -> TrainState:
-        return init_train_state(cfg.init_seed, fcfg, tcfg, dataset.d_model, optimizer, dataset.rows_normalized, weights)
+    if isinstance(mesh, str):
+        mesh = SH.mesh_from_config(cfg.mesh)
+    setup = setup_training(
+        spec, optimizer, dataset, weights, init_seed=cfg.init_seed, mesh=mesh, approx_recall=cfg.mesh.approx_recall
+    )
+    fns, data = setup.fns, setup.data
+    # XLA:CPU runs several programs' collectives on a shared thread pool: on a multi-device CPU
+    # mesh, letting the next sampler start before the step ends can deadlock (rendezvous stuck)
+    serialize = mesh is not None and mesh.devices.flat[0].platform == "cpu"
+    if mesh is not None:
+        log(f"[mesh] data={SH.mesh_shape(mesh)[0]} model={SH.mesh_shape(mesh)[1]} over {mesh.devices.size} devices, "
+            f"{jax.process_count()} process(es)")
 
     history: list[dict[str, Any]] = []
     elapsed_prev = 0.0
@@ -185,20 +195,21 @@ def run_training(
     if out_dir is not None:
         state_dir = Path(out_dir) / STATE_DIR
         manager = _manager(state_dir)
-        restored = _restore(manager, jax.eval_shape(fresh_state), state_dir)
+        restored = _restore(manager, setup.abstract, state_dir)
         if restored is not None:
             state, extra = restored
             history = list(extra.get("history", []))
             elapsed_prev = float(extra.get("elapsed_seconds", 0.0))
             log(f"[resume] {Path(out_dir).name}: step {int(state.step)}/{tcfg.steps} ({elapsed_prev:.1f}s already)")
     if state is None:
-        state = fresh_state()
+        state = setup.init()
     start = int(state.step)
     steps = tcfg.steps
     progress = progress or Progress(steps)
-    watchers = MetricWatchers(
-        None if out_dir is None else Path(out_dir), tensorboard=cfg.artifacts.tensorboard,
-        wandb_project=cfg.artifacts.wandb_project, run_name=cfg.run.name, config=cfg.to_dict(),
+    watchers = MetricWatchers(  # process 0 only: one event stream per run
+        None if out_dir is None else Path(out_dir), tensorboard=cfg.artifacts.tensorboard and SH.is_primary(),
+        wandb_project=cfg.artifacts.wandb_project if SH.is_primary() else None, run_name=cfg.run.name,
+        config=cfg.to_dict(),
     )
     t_start = time.perf_counter()
 
@@ -211,6 +222,8 @@ def run_training(
             for step in range(start + 1, steps + 1):
                 batch = fns.sample(data, state.rng, state.step + 1)
                 state, metrics = fns.step(state, batch)
+                if serialize:
+                    jax.block_until_ready(state)
                 if step == start + 1:  # the first step carries the compilation: time it apart
                     jax.block_until_ready(metrics["loss"])
                     progress.first_done(step)
@@ -231,13 +244,14 @@ def run_training(
                     (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or step == steps
                 ):
                     _save(manager, state, extra_now())
-                if caught:
+                if SH.any_process(bool(caught)):  # multi-host: every process stops at this step
                     if manager is not None:
                         _save(manager, state, extra_now())
                         manager.wait_until_finished()
                     progress.close()
-                    raise TrainingInterrupted(caught[0], step, Path(out_dir) if out_dir else Path("."))
-            if caught and manager is not None:  # a signal during the last step / before the loop
+                    signum = caught[0] if caught else signal.SIGTERM  # a peer was signalled
+                    raise TrainingInterrupted(signum, step, Path(out_dir) if out_dir else Path("."))
+            if SH.any_process(bool(caught)) and manager is not None:  # a signal during the last step
                 _save(manager, state, extra_now())
         jax.block_until_ready(state.params)
     finally:
@@ -257,6 +271,7 @@ def run_training(
         "compile_seconds": progress.compile_seconds,
         "spec": spec,
         "sample_weights": weights,
+        "mesh": mesh,
     }
 
 
@@ -320,9 +335,13 @@ def train(
     (``overrides`` / ``out_dir`` / ``data_path`` as the CLI's ``--set`` / ``--out-dir`` /
     ``--data-path``). A finished run directory (``DONE`` + finite ``metrics.json``) is not
     retrained: its metrics are returned. Raises :class:`TrainingInterrupted` on SIGTERM/SIGINT
-    (after saving the state).
+    (after saving the state). In a multi-process run (``jax.distributed``) every process calls
+    this; process 0 alone logs and writes the run files.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    primary = SH.is_primary()
+    if not primary:  # process 0 logs for the run
+        log, progress = (lambda msg: None), Progress(1, stream=open(os.devnull, "w"), enabled=False)
     if isinstance(config, RunConfig):
         cfg = config if not (overrides or out_dir or data_path) else load_run_config(
             config.to_dict(), overrides, out_dir=None if out_dir is None else str(out_dir), data_path=data_path
@@ -349,8 +368,8 @@ def train(
     raw["run"] = {**(raw.get("run") or {}), "output_dir": str(out)}
     dictionary = Dictionary(
         config=cfg.factorizer,
-        params=jax.device_get(state.params),
-        buffers=jax.device_get(state.buffers),
+        params=SH.to_host(state.params),
+        buffers=SH.to_host(state.buffers),
         d_model=dataset.d_model,
         **dataset.readout().stats(),
         evaluation=dict(raw.get("evaluation") or {}),
@@ -360,10 +379,13 @@ def train(
         "max_dead_feature_rate": cfg.score_thresholds.max_dead_feature_rate,
         "max_val_logit_kl_bits_mean": cfg.score_thresholds.max_val_logit_kl_bits_mean,
     }
+    mesh = result["mesh"]  # on a mesh, evaluation runs there too (params as trained, rows split)
+    on_mesh = dictionary if mesh is None else dictionary.replace(params=state.params, buffers=state.buffers)
     t_eval = time.perf_counter()
-    metrics = dict(
-        evaluate(dictionary, dataset.readout(), dataset.hidden_val, evaluation=cfg.evaluation, mode="reference", thresholds=thresholds)
-    )
+    with SH.mesh_context(mesh):
+        metrics = dict(
+            evaluate(on_mesh, dataset.readout(), dataset.hidden_val, evaluation=cfg.evaluation, mode="reference", thresholds=thresholds)
+        )
     log(f"[evaluate] {metrics['eval_rows']} rows x {metrics['eval_hidden']} held-out hidden states "
         f"in {time.perf_counter() - t_eval:.1f} s")
     ctrl_on = result["spec"].controller_on
@@ -407,12 +429,30 @@ def train(
         "package_version": _package_version(),
         "git_commit": commit,
     }
+    if primary:
+        _write_run_files(out, cfg, raw, dictionary, dataset, metrics, compute_meta, result["history"], want_pt, log)
+    SH.sync_processes("srp-jax train: run files written")
+    log(
+        "[result] "
+        + " ".join(
+            f"{key}={_fmt(metrics.get(key))}"
+            for key in ("selection_score", "row_centered_ev", "val_top1_match", "val_logit_kl_bits_mean",
+                        "dead_feature_rate", "rare_feature_rate", "train_seconds")
+        )  # fmt: skip
+    )
+    if primary:
+        log(run_summary(out, metrics, steps_run=result["steps_run"], compile_seconds=result.get("compile_seconds")))
+    return metrics
+
+
+def _write_run_files(out, cfg, raw, dictionary, dataset, metrics, compute_meta, history, want_pt, log) -> None:
+    """Process 0's outputs of a finished run (``DONE`` last)."""
     import yaml
 
     write_json_atomic(out / "compute_meta.json", compute_meta)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "history.json", {"history": result["history"]})
+    write_json_atomic(out / "history.json", {"history": history})
     usage = _usage_counts(dictionary, dataset, cfg.evaluation)
     write_json_atomic(out / "feature_labels.json", feature_labels(dictionary, dataset, usage))
     if cfg.artifacts.save_checkpoint:
@@ -426,16 +466,6 @@ def train(
         write_text_atomic(report, run_report(cfg.run.name, metrics, raw))
         log(f"[report] {report}")
     write_text_atomic(out / "DONE", "done\n")
-    log(
-        "[result] "
-        + " ".join(
-            f"{key}={_fmt(metrics.get(key))}"
-            for key in ("selection_score", "row_centered_ev", "val_top1_match", "val_logit_kl_bits_mean",
-                        "dead_feature_rate", "rare_feature_rate", "train_seconds")
-        )  # fmt: skip
-    )
-    log(run_summary(out, metrics, steps_run=result["steps_run"], compile_seconds=result.get("compile_seconds")))
-    return metrics
 
 
 SUMMARY_ROWS = (
