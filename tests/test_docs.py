@@ -8,7 +8,8 @@ Hub cache holds the reference fixture under every registry path (and the registr
 describe it), which is what ``hub fetch`` / ``hub:`` loads then read. Install commands and the
 test command itself are not re-run. A block preceded by ``<!-- doc-test: skip REASON -->`` is
 skipped (the reason is required and reported); ``<!-- doc-test: subprocess ENV=VALUE ... -->``
-runs a block's command lines in a fresh process with that environment.
+runs a block's command lines in a fresh process with that environment (as a command line's own
+``NAME=value`` prefix does); ``<!-- doc-test: bash -->`` runs a block as a bash script.
 """
 
 from __future__ import annotations
@@ -63,19 +64,41 @@ def parse_blocks(text: str) -> list[Block]:
     return blocks
 
 
-def command_lines(code: str) -> list[str]:
-    """The ``srp-jax ...`` commands of a shell block (``$ `` prompts and ``&&`` chains allowed;
-    continuation lines joined)."""
-    joined = code.replace("\\\n", " ")
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def logical_lines(code: str) -> list[str]:
+    """Shell lines with ``\\`` continuations joined and ``$ `` prompts removed."""
     out = []
-    for raw in joined.splitlines():
+    for raw in code.replace("\\\n", " ").splitlines():
         line = raw.strip()
-        if line.startswith("$ "):
-            line = line[2:]
+        out.append(line[2:] if line.startswith("$ ") else line)
+    return out
+
+
+def command_lines(code: str) -> list[str]:
+    """The ``srp-jax ...`` commands of a shell block (``&&`` chains allowed), each with any
+    ``NAME=value`` environment assignments in front of it kept."""
+    out = []
+    for line in logical_lines(code):
         for part in (p.strip() for p in line.split("&&")):
-            if part.startswith("srp-jax ") or part == "srp-jax":
+            words = part.split()
+            while words and ENV_ASSIGNMENT.match(words[0]):
+                words = words[1:]
+            if words and words[0] == "srp-jax":
                 out.append(part)
     return out
+
+
+def split_env(line: str) -> tuple[dict[str, str], list[str]]:
+    """``A=1 B=2 srp-jax x y`` -> ({A: 1, B: 2}, [x, y])."""
+    words = shlex.split(line, comments=True)
+    env = {}
+    while words and ENV_ASSIGNMENT.match(words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    assert words and words[0] == "srp-jax", line
+    return env, words[1:]
 
 
 def test_documents_covered_elsewhere_are_tested_there():
@@ -88,6 +111,9 @@ def test_parser_finds_blocks_directives_and_commands():
     blocks = parse_blocks(text)
     assert [(b.lang, b.directive) for b in blocks] == [("bash", ("skip", "needs a GPU")), ("python", None)]
     assert command_lines(blocks[0].code) == ["srp-jax demo  # hi", "srp-jax hub list"]
+    env_block = "# fake devices\nXLA_FLAGS=--x=8 JAX_PLATFORMS=cpu \\\n  srp-jax train --out r\n"
+    (line,) = command_lines(env_block)
+    assert split_env(line) == ({"XLA_FLAGS": "--x=8", "JAX_PLATFORMS": "cpu"}, ["train", "--out", "r"])
     assert shlex.split("srp-jax demo  # hi", comments=True) == ["srp-jax", "demo"]
 
 
@@ -143,21 +169,28 @@ def test_documented_snippets_run(doc, workspace, capsys):
         if block.lang == "python":
             code = compile(block.code, where, "exec")
             exec(code, namespace)  # noqa: S102 - our own documentation
+        elif block.lang in SHELL and kind == "bash":  # run the block as a script (loops, &, wait, export)
+            bindir = str(Path(sys.executable).parent)
+            env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+            proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=workspace, env=env,
+                                  capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, f"{where}: the block exited {proc.returncode}: {proc.stderr[-3000:]}"
         elif block.lang in SHELL:
             for line in command_lines(block.code):
-                argv = shlex.split(line, comments=True)[1:]
+                env_extra, argv = split_env(line)
                 if kind == "subprocess":
-                    env = {**os.environ, **dict(item.split("=", 1) for item in shlex.split(arg))}
+                    env_extra = {**env_extra, **dict(item.split("=", 1) for item in shlex.split(arg))}
+                if env_extra:  # the environment matters before jax starts: a fresh process
+                    env = {**os.environ, **env_extra}
                     proc = subprocess.run([sys.executable, "-m", "srp_jax.cli.main", *argv], cwd=workspace, env=env,
-                                          capture_output=True, text=True, timeout=600)
+                                          capture_output=True, text=True, timeout=900)
                     assert proc.returncode == 0, f"{where}: `{line}` exited {proc.returncode}: {proc.stderr[-2000:]}"
                 else:
                     code = main(argv)
                     assert code == 0, f"{where}: `{line}` exited {code}: {capsys.readouterr().err[-2000:]}"
-            for raw in block.code.splitlines():  # shell lines that are neither srp-jax nor installs
-                line = raw.strip().lstrip("$ ").strip()
-                if line and not line.startswith("#") and "srp-jax" not in line and not line.startswith(NOT_RERUN):
-                    if block.lang in ("bash", "sh", "console", "shell"):
+            if block.lang != "":
+                for line in logical_lines(block.code):  # shell lines that are neither srp-jax nor installs
+                    if line and not line.startswith("#") and not command_lines(line) and not line.startswith(NOT_RERUN):
                         pytest.fail(f"{where}: shell line `{line}` is neither an srp-jax command nor an install")
     for name in set(factorizers.architecture_names()) - registered:  # a doc may register an architecture
         factorizers.unregister(name)
