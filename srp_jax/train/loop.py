@@ -1,16 +1,22 @@
 """The training driver: dataset -> resumable jitted loop -> evaluation -> run directory.
 
-Run directory (the reference runner's, plus Orbax state)::
+Run directory (the reference runner's, plus Orbax state and the run contract)::
 
-    <out>/train_state/     Orbax CheckpointManager: the full TrainState + history (resume)
+    <out>/srp_run.json     the manifest: resolved config, data fingerprint, what this run wrote
+    <out>/.srp_run.lock    held (flock) while a trainer works here
+    <out>/train_state/     Orbax CheckpointManager: the full TrainState + history (resume), with
+                           a checksum record per save (srp_jax.train.resume)
     <out>/checkpoint/      the final dictionary as an srp-jax checkpoint (save_dictionary)
     <out>/checkpoint.pt    reference-schema .pt (artifacts.export_pt / --export-pt)
     <out>/config.yaml  metrics.json  history.json  compute_meta.json  feature_labels.json  DONE
 
 Saves happen every ``training.checkpoint_every`` steps, at the last step, and whenever
 SIGTERM/SIGINT arrive (then the run raises :class:`TrainingInterrupted` after the save is on
-disk). Rerunning the same command resumes from the newest saved step; step keys are
+disk). Rerunning the same command resumes from the newest intact save; step keys are
 ``fold_in(seed key, step)``, so a resumed run ends bitwise equal to an uninterrupted one.
+The rules of the directory (lock, manifest, resume, ``restart`` / ``force`` /
+``extend_steps``) are :mod:`srp_jax.train.rundir`'s; a non-finite loss term, gradient or
+parameter stops the run with a :class:`~srp_jax.errors.DivergenceError` (exit 3).
 """
 
 from __future__ import annotations
@@ -34,20 +40,25 @@ import numpy as np
 from .. import factorizers as F
 from .._atomic import write_text_atomic
 from .._lazy import require_torch
+from .._validate import expand_path
 from .._version import __version__
 from ..checkpoint import save_dictionary
-from ..data import load_prism_dataset, row_sampling_weights
+from ..data import (
+    LoadedPayload, build_prism_dataset, data_source, load_payload, payload_files, resolve_data_path, row_sampling_weights,
+)
 from ..dictionary import Dictionary, load_dictionary
 from ..metrics import evaluate, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DivergenceError, OutputError, ResourceError, RunDirectoryError
+from . import rundir as R
 from .compiled import compile_training
+from .resume import StateStore
 from .sampling import TrainData
 from .state import TrainState, init_train_state
-from .step import StepSpec, make_optimizer
+from .step import L0_TRAIN_WINDOW, StepSpec, describe_nonfinite, make_optimizer
 
-STATE_DIR = "train_state"
-CHECKPOINT_DIR = "checkpoint"
+STATE_DIR = R.STATE_DIR
+CHECKPOINT_DIR = R.CHECKPOINT_DIR
 FEATURE_LABELS_MAX = 256
 FEATURE_LABELS_TOP = 6
 
@@ -154,46 +165,6 @@ def _package_version() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Orbax train-state manager
-
-
-def _manager(directory: Path):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-def _save(manager, state: TrainState, extra: Mapping[str, Any]) -> None:
-    import orbax.checkpoint as ocp
-
-    step = int(state.step)
-    if manager.latest_step() == step:
-        return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra))))
-
-
-def _restore(manager, template: TrainState, directory: Path) -> tuple[TrainState, dict[str, Any]] | None:
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract = template  # jax.ShapeDtypeStruct leaves (jax.eval_shape of the initialiser)
-    try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
-        )
-    except Exception as exc:  # noqa: BLE001 - any mismatch becomes one clear line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{directory}: cannot resume from step {step} ({type(exc).__name__}: {first[:300]}); "
-            "the config probably changed: use another --out-dir or delete that directory"
-        ) from None
-    return restored["state"], dict(restored["extra"] or {})
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -204,9 +175,16 @@ def run_training(
     *,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    extended_from_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) on ``dataset``. Returns ``{state, history, train_seconds, steps_run,
-    mean_l0_train, spec}``. With ``out_dir`` the state is saved under ``out_dir/train_state``."""
+    mean_l0_train, spec}``. With ``out_dir`` the state is saved under ``out_dir/train_state``
+    (and resumed from its newest intact save). ``extended_from_steps``: the run was recorded
+    with that many ``training.steps`` and now continues to ``cfg.training.steps``.
+
+    Every step returns a bitmask of the terms that went non-finite; the host reads the masks at
+    the logging cadence and before every save, so a diverged state is never saved: the run
+    raises :class:`~srp_jax.errors.DivergenceError` naming the step and the terms."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tcfg, fcfg = cfg.training, cfg.factorizer
     weights = row_sampling_weights(dataset, tcfg.row_sampling)
@@ -220,34 +198,55 @@ def run_training(
 
     history: list[dict[str, Any]] = []
     elapsed_prev = 0.0
-    manager = None
+    store = None
     state = None
-    if out_dir is not None:
-        state_dir = Path(out_dir) / STATE_DIR
-        manager = _manager(state_dir)
-        restored = _restore(manager, jax.eval_shape(fresh_state), state_dir)
-        if restored is not None:
-            state, extra = restored
-            history = list(extra.get("history", []))
-            elapsed_prev = float(extra.get("elapsed_seconds", 0.0))
-            log(f"[resume] {Path(out_dir).name}: step {int(state.step)}/{tcfg.steps} ({elapsed_prev:.1f}s already)")
-    if state is None:
-        state = fresh_state()
-    start = int(state.step)
+    last_saved: int | None = None
     steps = tcfg.steps
-    progress = progress or Progress(steps)
-    t_start = time.perf_counter()
-
-    def extra_now() -> dict[str, Any]:
-        return {"history": history, "elapsed_seconds": elapsed_prev + (time.perf_counter() - t_start)}
-
     try:
+        if out_dir is not None:
+            out_dir = Path(out_dir)
+            store = StateStore(out_dir / STATE_DIR, aside_root=out_dir / R.PREVIOUS_DIR, log=log).open()
+            restored = store.restore(jax.eval_shape(fresh_state))
+            if restored is not None:
+                state, extra, last_saved = restored
+                history = list(extra.get("history", []))
+                elapsed_prev = float(extra.get("elapsed_seconds", 0.0))
+                log(f"[resume] {out_dir.name}: step {int(state.step)}/{steps} ({elapsed_prev:.1f}s already)")
+                if extended_from_steps is not None:
+                    state = _extend_l0_window(state, extended_from_steps, steps, log)
+        if state is None:
+            state = fresh_state()
+        start = int(state.step)
+        progress = progress or Progress(steps)
+        t_start = time.perf_counter()
+        pending: list[tuple[int, Any]] = []  # (step, device nonfinite mask) not yet read
+
+        def extra_now() -> dict[str, Any]:
+            return {"history": history, "elapsed_seconds": elapsed_prev + (time.perf_counter() - t_start)}
+
+        def check_finite() -> None:
+            if not pending:
+                return
+            masks = jax.device_get([mask for _, mask in pending])
+            for (at, _), mask in zip(pending, masks):
+                if int(mask):
+                    raise _diverged(at, int(mask), last_saved, out_dir, cfg)
+            pending.clear()
+
+        def save() -> None:
+            nonlocal last_saved
+            check_finite()
+            store.save(state, extra_now())
+            last_saved = int(state.step)
+
         with _stop_signals() as caught:
             progress.start(start)
             for step in range(start + 1, steps + 1):
                 batch = fns.sample(data, state.rng, state.step + 1)
                 state, metrics = fns.step(state, batch)
+                pending.append((step, metrics["nonfinite"]))
                 if step == 1 or step % tcfg.log_every == 0 or step == steps:
+                    check_finite()
                     row = {
                         "step": step,
                         "loss": float(metrics["loss"]),
@@ -258,23 +257,23 @@ def run_training(
                     progress.log(step, row)
                 if progress.wants_draw():
                     progress.draw(step, float(metrics["loss"]))
-                if manager is not None and (
+                if store is not None and (
                     (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or step == steps
                 ):
-                    _save(manager, state, extra_now())
+                    save()
                 if caught:
-                    if manager is not None:
-                        _save(manager, state, extra_now())
-                        manager.wait_until_finished()
+                    if store is not None:
+                        save()
+                        store.wait()
                     progress.close()
-                    raise TrainingInterrupted(caught[0], step, Path(out_dir) if out_dir else Path("."))
-            if caught and manager is not None:  # a signal during the last step / before the loop
-                _save(manager, state, extra_now())
+                    raise TrainingInterrupted(caught[0], step, out_dir if out_dir else Path("."))
+            check_finite()
+            if caught and store is not None:  # a signal during the last step / before the loop
+                save()
         jax.block_until_ready(state.params)
     finally:
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
+        if store is not None:
+            store.close()
     progress.close()
     train_seconds = elapsed_prev + (time.perf_counter() - t_start)
     count = int(state.l0_count)
@@ -289,8 +288,46 @@ def run_training(
     }
 
 
-def _finite_done(out: Path) -> dict[str, Any] | None:
-    if not (out / "DONE").is_file() or not (out / "metrics.json").is_file():
+def _extend_l0_window(state: TrainState, old_steps: int, new_steps: int, log: Callable[[str], None]) -> TrainState:
+    """``mean_l0_train`` averages the last 1000 steps of the run's length; after extending
+    ``training.steps`` the counted window moves. Exact when the new window has not begun yet
+    (the sums restart at 0) or starts where the old one did; otherwise say what it covers."""
+    done = int(state.step)
+    lo_old, lo_new = max(1, old_steps - L0_TRAIN_WINDOW), max(1, new_steps - L0_TRAIN_WINDOW)
+    if lo_new > done:
+        return state.replace(l0_sum=jnp.zeros_like(state.l0_sum), l0_count=jnp.zeros_like(state.l0_count))
+    if lo_new != lo_old:
+        log(f"[extend] note: mean_l0_train will also average steps {lo_old}..{lo_new - 1}, counted before the extension")
+    return state
+
+
+def _diverged(step: int, mask: int, last_saved: int | None, out_dir: Path | None, cfg: RunConfig) -> DivergenceError:
+    terms = describe_nonfinite(mask)
+    what = " and ".join(terms) if len(terms) <= 2 else ", ".join(terms[:-1]) + " and " + terms[-1]
+    if terms == ("parameters",):
+        why = f" (the loss terms and gradient were finite: the update overflowed; training.lr = {cfg.training.lr:g})"
+    elif "reconstruction" in terms or "prism" in terms:
+        why = " (check the data and training.lr)"
+    else:
+        why = ""
+    if out_dir is None:
+        kept = "nothing was saved"
+    elif last_saved is None:
+        kept = "no state was saved before it"
+    else:
+        kept = f"the last finite state, step {last_saved}, stays in {out_dir / STATE_DIR}"
+    return DivergenceError(
+        f"training diverged at step {step}: the {what} went non-finite{why}; {kept}; no DONE written",
+        step=step, terms=terms,
+    )
+
+
+def _finite_done(out: Path, manifest: R.Manifest | None) -> dict[str, Any] | None:
+    """The metrics of a finished run: ``DONE`` and ``metrics.json`` written by this run (the
+    manifest records them) and finite; else None."""
+    if manifest is None or not (out / R.DONE_FILE).is_file() or not (out / "metrics.json").is_file():
+        return None
+    if not all(R.matches_record(out / name, manifest.outputs.get(name)) for name in (R.DONE_FILE, "metrics.json")):
         return None
     try:
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -342,38 +379,235 @@ def train(
     export_pt: bool | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    force: bool = False,
+    restart: bool = False,
+    extend_steps: bool = False,
 ) -> dict[str, Any]:
     """Train one run end to end and write its run directory; returns the metrics dict.
 
     ``config``: a :class:`RunConfig`, a YAML path, a built-in config name or a mapping
     (``overrides`` / ``out_dir`` / ``data_path`` as the CLI's ``--set`` / ``--out-dir`` /
-    ``--data-path``). A finished run directory (``DONE`` + finite ``metrics.json``) is not
-    retrained: its metrics are returned. Raises :class:`TrainingInterrupted` on SIGTERM/SIGINT
-    (after saving the state).
+    ``--data-path``). The run directory is a contract (:mod:`srp_jax.train.rundir`): locked
+    while training; resumed only with the config and data its manifest records; a finished run
+    (``DONE``) with the same config is not retrained (its metrics are returned) and with
+    another config refused. ``restart`` moves a previous run aside first; ``force`` writes into
+    a directory holding files srp-jax did not write; ``extend_steps`` lets ``training.steps``
+    grow over the recorded value. Raises :class:`TrainingInterrupted` on SIGTERM/SIGINT (after
+    saving the state), :class:`~srp_jax.errors.DivergenceError` on a non-finite step and
+    :class:`~srp_jax.errors.RunDirectoryError` when the directory refuses the run.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if isinstance(config, RunConfig):
-        cfg = config if not (overrides or out_dir or data_path) else load_run_config(
+        cfg = config if not (overrides or out_dir is not None or data_path) else load_run_config(
             config.to_dict(), overrides, out_dir=None if out_dir is None else str(out_dir), data_path=data_path
         )
     else:
         cfg = load_run_config(config, overrides, out_dir=None if out_dir is None else str(out_dir), data_path=data_path)
-    out = Path(cfg.run.output_dir)
+    out = Path(expand_path("run.output_dir", cfg.run.output_dir))
+    report = resolve_report_path(cfg.artifacts.report_path) if cfg.artifacts.report_path else None
     want_pt = cfg.artifacts.export_pt if export_pt is None else bool(export_pt)
     if want_pt:
         require_torch("artifacts.export_pt / --export-pt")
-    cached = _finite_done(out)
-    if cached is not None:
-        log(f"[skip] {out}: already finished (DONE and finite metrics.json); delete DONE to retrain")
-        if want_pt and not (out / "checkpoint.pt").exists():
-            _export_finished_run(out, log)
-        return cached
-    out.mkdir(parents=True, exist_ok=True)
+    # Read-only checks first: a refused directory is left exactly as it was.
+    manifest = R.Manifest.load(out) if out.is_dir() else None
+    R.check_ownership(out, None if restart else manifest, force=force, movable=R.RUN_NAMES if restart else ())
+    _check_report_target(report, None if restart else manifest)
+    data_source(cfg)  # a missing payload or an unset variable fails here, before the directory is made
+    R.make_run_dir(out)
+    lock = R.RunLock(out)
+    lock.acquire()
+    try:
+        return _train_locked(cfg, out, report, want_pt, progress, log, force=force, restart=restart,
+                             extend_steps=extend_steps)
+    finally:
+        lock.release()
 
-    dataset = load_prism_dataset(cfg, cfg.run.seed)
-    result = run_training(cfg, dataset, out, progress=progress, log=log)
+
+def _train_locked(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool, progress, log, *,
+                  force: bool, restart: bool, extend_steps: bool) -> dict[str, Any]:
+    manifest = R.Manifest.load(out)  # again, under the lock
+    if restart:
+        moved = R.move_previous_run(out)
+        if moved is not None:
+            log(f"[restart] moved the previous run's files to {moved}")
+        manifest = None
+    R.check_ownership(out, manifest, force=force)
+    _check_report_target(report, manifest)
+    signature = R.run_signature(cfg)
+    extension = None
+    if manifest is not None:
+        extension = _allowed_change(out, R.diff_signatures(manifest.config, signature), cfg, extend_steps)
+    path = resolve_data_path(cfg.data.path)
+    if manifest is not None and extension is None:
+        cached = _finite_done(out, manifest)
+        same_files = path is not None and (path.is_file() or path.is_dir()) and manifest.data_matches_stats(
+            str(path), tuple(payload_files(path))
+        )  # the cheap check: the payload files the manifest recorded, unchanged
+        if cached is not None and same_files:
+            return _skip(out, cached, manifest, want_pt, log)
+        loaded = load_payload(cfg, cfg.run.seed)
+        _check_same_data(out, manifest, loaded)
+        if cached is not None:
+            manifest.data = R.data_record(loaded.source, loaded.fingerprint, loaded.files)
+            manifest.save(out)
+            return _skip(out, cached, manifest, want_pt, log)
+    else:
+        loaded = load_payload(cfg, cfg.run.seed)
+        if manifest is not None:
+            _check_same_data(out, manifest, loaded)
+    if loaded.used_fallback:
+        log("[data] no data.path: training on the built-in synthetic readout (data.fallback: synthetic)")
+    if manifest is None:
+        manifest = R.Manifest(config=signature)
+    manifest.config = signature
+    manifest.data = R.data_record(loaded.source, loaded.fingerprint, loaded.files)
+    if extension is not None:
+        manifest.extensions.append(extension)
+        log(f"[extend] {out.name}: training.steps {extension['from_steps']} -> {extension['to_steps']}")
+    (out / R.DONE_FILE).unlink(missing_ok=True)  # no run is marked done while it trains
+    manifest.outputs.pop(R.DONE_FILE, None)
+    manifest.save(out)
+    _check_fits(cfg, loaded)
+    with _device_errors(cfg, loaded):
+        dataset = build_prism_dataset(cfg, loaded, cfg.run.seed)
+        result = run_training(
+            cfg, dataset, out, progress=progress, log=log,
+            extended_from_steps=None if extension is None else extension["from_steps"],
+        )
+        return _write_outputs(cfg, out, report, want_pt, dataset, result, manifest, log)
+
+
+def _allowed_change(out: Path, diffs: list, cfg: RunConfig, extend_steps: bool) -> dict[str, int] | None:
+    """None when the config matches the manifest's; the extension record when only
+    ``training.steps`` grew and ``extend_steps`` allows it; else a RunDirectoryError."""
+    if not diffs:
+        return None
+    hint = ""
+    if [key for key, _, _ in diffs] == ["training.steps"]:
+        old, new = int(diffs[0][1]), int(diffs[0][2])
+        if extend_steps and new > old:
+            tc = cfg.training
+            fixed = [f"training.{k}={getattr(tc, k)}" for k, plain in (("lr_schedule", "constant"), ("lambda_mode", "constant"))
+                     if getattr(tc, k) != plain]  # fmt: skip
+            if fixed:
+                raise RunDirectoryError(
+                    f"{out}: cannot extend training.steps {old} -> {new}: {' and '.join(fixed)} depend(s) on "
+                    f"training.steps, so the {old} steps already run followed another schedule than a {new}-step run "
+                    "would; start a new run (another --out-dir, or --restart)"
+                )
+            return {"from_steps": old, "to_steps": new}
+        if extend_steps:
+            raise RunDirectoryError(f"{out}: training.steps can only grow (recorded {old}, asked {new})")
+        if new > old:
+            hint = f", or pass --extend-steps to continue this run to {new} steps"
+    raise RunDirectoryError(
+        f"{out}: holds a run with another config: {R.describe_diff(diffs)}; rerun with the recorded config, "
+        f"choose another --out-dir, or pass --restart to move the old run aside{hint}"
+    )
+
+
+def _check_same_data(out: Path, manifest: R.Manifest, loaded: LoadedPayload) -> None:
+    recorded = (manifest.data or {}).get("fingerprint")
+    if recorded is not None and recorded != loaded.fingerprint:
+        source = (manifest.data or {}).get("source")
+        raise RunDirectoryError(
+            f"{out}: holds a run on other data: data ({source} {recorded[:19]}... -> {loaded.source} "
+            f"{loaded.fingerprint[:19]}...); rerun with the recorded data, choose another --out-dir, or pass "
+            "--restart to move the old run aside"
+        )
+
+
+def _skip(out: Path, cached: dict[str, Any], manifest: R.Manifest, want_pt: bool, log) -> dict[str, Any]:
+    log(f"[skip] {out}: already finished with this config (DONE); pass --restart to train it again")
+    if want_pt and not (out / "checkpoint.pt").exists():
+        manifest.outputs["checkpoint.pt"] = {"pending": True}
+        manifest.save(out)
+        _export_finished_run(out, log)
+        manifest.outputs["checkpoint.pt"] = R.file_record(out / "checkpoint.pt")
+        manifest.save(out)
+    return cached
+
+
+def _check_report_target(report: Path | None, manifest: R.Manifest | None) -> None:
+    """``artifacts.report_path`` must be writable and may replace only a report this run wrote."""
+    if report is None:
+        return
+    if report.is_dir():
+        raise OutputError(f"artifacts.report_path {report}: is a directory (give a file name, e.g. {report / 'report.md'})")
+    for node in report.parents:
+        if node.exists() or node.is_symlink():
+            if not node.is_dir():
+                raise OutputError(f"artifacts.report_path {report}: {node} is a file, not a directory")
+            break
+    if report.exists() or report.is_symlink():
+        record = manifest.report if manifest is not None else None
+        if not (record and record.get("path") == str(report.absolute()) and R.matches_record(report, record)):
+            raise RunDirectoryError(
+                f"artifacts.report_path {report}: exists and was not written by this run; refusing to replace it "
+                "(remove it or choose another path)"
+            )
+
+
+def _state_bytes_lower_bound(cfg: RunConfig, d_model: int) -> int:
+    """Bytes a run needs at least: float32 parameters, Adam's two moments, one batch of rows
+    and its pre-activations."""
+    D, B = cfg.factorizer.d_features, cfg.training.batch_size
+    n_params = 2 * D * d_model + (1 + len(cfg.factorizer.arch.extra_params)) * D
+    return 4 * (3 * n_params + B * d_model + B * D)
+
+
+def _device_memory() -> int | None:
+    device = jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend reports
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def _sizes(cfg: RunConfig, d_model: int) -> str:
+    return f"factorizer.d_features={cfg.factorizer.d_features}, d_model={d_model}, training.batch_size={cfg.training.batch_size}"
+
+
+def _check_fits(cfg: RunConfig, loaded: LoadedPayload) -> None:
+    """Refuse, before any compute, a run whose state alone exceeds the device's memory."""
+    d_model = int(loaded.arrays["W_U"].shape[1])
+    need, have = _state_bytes_lower_bound(cfg, d_model), _device_memory()
+    if have is not None and need > have:
+        raise ResourceError(
+            f"the run needs at least {need / 2**30:.1f} GiB ({_sizes(cfg, d_model)}) but the "
+            f"{jax.devices()[0].platform} device has {have / 2**30:.1f} GiB; reduce factorizer.d_features or "
+            "training.batch_size"
+        )
+
+
+@contextlib.contextmanager
+def _device_errors(cfg: RunConfig, loaded: LoadedPayload):
+    """Out-of-memory from XLA or NumPy as one :class:`ResourceError` line naming the sizes."""
+    d_model = int(loaded.arrays["W_U"].shape[1])
+    try:
+        yield
+    except MemoryError as exc:
+        if isinstance(exc, ResourceError):
+            raise
+        raise ResourceError(f"out of host memory ({_sizes(cfg, d_model)}); reduce them") from None
+    except jax.errors.JaxRuntimeError as exc:
+        text = str(exc)
+        if "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+            raise
+        first = text.strip().splitlines()[0][:200]
+        raise ResourceError(f"out of device memory ({first}) with {_sizes(cfg, d_model)}; reduce them") from None
+
+
+def _write_outputs(cfg, out, report, want_pt, dataset, result, manifest: R.Manifest, log) -> dict[str, Any]:
     state: TrainState = result["state"]
-
     raw = cfg.to_dict()
     raw.setdefault("run", {})
     raw["run"] = {**(raw.get("run") or {}), "output_dir": str(out)}
@@ -436,11 +670,19 @@ def train(
     }
     import yaml
 
+    usage = _usage_counts(dictionary, dataset, cfg.evaluation)
+    files = ["compute_meta.json", "config.yaml", "metrics.json", "history.json", "feature_labels.json"]
+    written = files + ([CHECKPOINT_DIR] if cfg.artifacts.save_checkpoint else []) + (["checkpoint.pt"] if want_pt else [])
+    for name in (*written, R.DONE_FILE):  # from here on these names are this run's, even if killed mid-write
+        manifest.outputs[name] = {"pending": True}
+    if report is not None:
+        manifest.report = {"path": str(report.absolute()), "pending": True}
+    manifest.save(out)
+
     write_json_atomic(out / "compute_meta.json", compute_meta)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "history.json", {"history": result["history"]})
-    usage = _usage_counts(dictionary, dataset, cfg.evaluation)
     write_json_atomic(out / "feature_labels.json", feature_labels(dictionary, dataset, usage))
     if cfg.artifacts.save_checkpoint:
         save_dictionary(dictionary, out / CHECKPOINT_DIR, force=True)
@@ -448,11 +690,16 @@ def train(
         from convert.checkpoints import dictionary_to_pt  # torch was required above
 
         dictionary_to_pt(dictionary, out / "checkpoint.pt", force=True)
-    if cfg.artifacts.report_path:
-        report = resolve_report_path(cfg.artifacts.report_path)
+    if report is not None:
         write_text_atomic(report, run_report(cfg.run.name, metrics, raw))
+        manifest.report = {"path": str(report.absolute()), **R.file_record(report)}
         log(f"[report] {report}")
-    write_text_atomic(out / "DONE", "done\n")
+    for name in written:
+        manifest.outputs[name] = R.checkpoint_record(out / name) if name == CHECKPOINT_DIR else R.file_record(out / name)
+    manifest.save(out)
+    write_text_atomic(out / R.DONE_FILE, "done\n")
+    manifest.outputs[R.DONE_FILE] = R.file_record(out / R.DONE_FILE)
+    manifest.save(out)
     log(
         "[result] "
         + " ".join(
@@ -472,7 +719,7 @@ def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:
     if not (out / CHECKPOINT_DIR).is_dir():
         raise CheckpointError(
             f"{out}: finished without a {CHECKPOINT_DIR}/ (artifacts.save_checkpoint was false), so there is "
-            "nothing to export; delete DONE to retrain"
+            "nothing to export; pass --restart to train it again"
         )
     dictionary_to_pt(load_dictionary(out / CHECKPOINT_DIR), out / "checkpoint.pt")
     log(f"[export] wrote {out / 'checkpoint.pt'} from {out / CHECKPOINT_DIR}")
@@ -486,8 +733,9 @@ FAILURE_NOTES = (
 
 
 def resolve_report_path(path: str) -> Path:
-    """``artifacts.report_path`` with ``${VAR}`` / ``~`` expanded (relative to the working directory)."""
-    return Path(os.path.expanduser(os.path.expandvars(path)))
+    """``artifacts.report_path`` with ``${VAR}`` / ``~`` expanded (relative to the working
+    directory); an unset variable is a ConfigError naming it."""
+    return Path(expand_path("artifacts.report_path", path))
 
 
 def run_report(name: str, metrics: Mapping[str, Any], config: Mapping[str, Any]) -> str:
