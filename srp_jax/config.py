@@ -226,6 +226,7 @@ LAMBDA_MODES = ("constant", "delayed_ramp")
 DATA_FALLBACKS = ("synthetic", "error")
 SEED_MAX = 2**32 - 1  # jax.random.PRNGKey keeps 32 bits: larger seeds would collide silently
 SIZE_MAX = 2**31 - 1  # array dimensions and sample indices are int32 on the device
+FLOAT32_MAX = 3.4028234663852886e38
 
 # training.row_sampling: fixed names, frequency_pow_<p>, hybrid_<F>freq_<U>uniform
 _FIXED_SAMPLING = {
@@ -425,6 +426,8 @@ class TrainingConfig:
             value = _as_float(p + key, getattr(self, key))
             if value < 0:
                 raise ConfigError(f"{p}{key} must be >= 0, got {value}")
+            if value > FLOAT32_MAX:
+                raise ConfigError(f"{p}{key} = {value:g} does not fit in float32 (the step computes in float32; max {FLOAT32_MAX:.4g})")
             object.__setattr__(self, key, value)
         object.__setattr__(self, "prism_top_n", _as_int(p + "prism_top_n", self.prism_top_n))
         object.__setattr__(self, "row_sampling", _as_str(p + "row_sampling", self.row_sampling or "uniform"))

@@ -125,7 +125,7 @@ def payload_from_mapping(raw: Mapping[str, Any], *, source: str = "payload") -> 
     if flat.shape[0] == 0:
         raise ShapeError(f"{source}: h_LN holds no hidden states (shape {h_np.shape})")
     _check_finite_rows(h_np, f"{source}: h_LN")
-    if not np.any(np.linalg.norm(flat, axis=1) > PAD_NORM_EPS):
+    if not np.any(np.linalg.norm(flat.astype(np.float64), axis=1) > PAD_NORM_EPS):
         raise ShapeError(f"{source}: every one of the {flat.shape[0]} hidden states in h_LN is padding (norm <= {PAD_NORM_EPS:g})")
     out = {"W_U": W_np, "h_LN": h_np}
     if raw.get("token_mask") is not None:
@@ -205,7 +205,7 @@ def drop_padding(hidden: np.ndarray) -> np.ndarray:
     """Flatten to (N, d) and drop rows with norm <= 1e-6 (the extractor's zeroed padding),
     unless that would drop every row."""
     flat = np.asarray(hidden, np.float32).reshape(-1, hidden.shape[-1])
-    keep = np.linalg.norm(flat, axis=1) > PAD_NORM_EPS
+    keep = np.linalg.norm(flat.astype(np.float64), axis=1) > PAD_NORM_EPS  # float64: no overflow on huge rows
     if keep.any() and not keep.all():
         flat = flat[keep]
     return flat
