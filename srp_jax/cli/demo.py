@@ -14,7 +14,8 @@ Train the reference smoke dictionary (synthetic readout, 1024 x 128, matryoshka 
 into --out-dir, print its evaluation metrics, decompose the top-1 logit of a held-out hidden
 state into base + features + residual, and gate a top-1 vs top-2 margin.
 
-A finished run directory is reused (delete its DONE file to retrain)."""
+A finished run directory with the same steps is reused; another --steps in the same directory is
+refused (choose another --out-dir, or `srp-jax train --config smoke ... --restart`)."""
 
 METRIC_KEYS = (
     ("row_centered_ev", "rowEV"),

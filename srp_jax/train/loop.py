@@ -49,7 +49,7 @@ from ..data import (
 from ..dictionary import Dictionary, load_dictionary
 from ..metrics import evaluate, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
-from ..errors import CheckpointError, DivergenceError, OutputError, ResourceError, RunDirectoryError
+from ..errors import CheckpointError, DivergenceError, OutputError, ResourceError, RunDirectoryError, SrpError
 from . import rundir as R
 from .compiled import compile_training
 from .resume import StateStore
@@ -301,9 +301,14 @@ def _extend_l0_window(state: TrainState, old_steps: int, new_steps: int, log: Ca
     return state
 
 
+_TERM_NAMES = {"reconstruction": "reconstruction loss", "prism": "prism loss", "sparsity": "sparsity terms",
+               "auxk": "AuxK loss", "loss": "total loss", "grad": "gradient"}
+
+
 def _diverged(step: int, mask: int, last_saved: int | None, out_dir: Path | None, cfg: RunConfig) -> DivergenceError:
     terms = describe_nonfinite(mask)
-    what = " and ".join(terms) if len(terms) <= 2 else ", ".join(terms[:-1]) + " and " + terms[-1]
+    names = [_TERM_NAMES.get(t, t) for t in terms]
+    what = " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
     if terms == ("parameters",):
         why = f" (the loss terms and gradient were finite: the update overflowed; training.lr = {cfg.training.lr:g})"
     elif "reconstruction" in terms or "prism" in terms:
@@ -413,12 +418,20 @@ def train(
     R.check_ownership(out, None if restart else manifest, force=force, movable=R.RUN_NAMES if restart else ())
     _check_report_target(report, None if restart else manifest)
     data_source(cfg)  # a missing payload or an unset variable fails here, before the directory is made
+    created = not out.exists()
     R.make_run_dir(out)
     lock = R.RunLock(out)
     lock.acquire()
     try:
         return _train_locked(cfg, out, report, want_pt, progress, log, force=force, restart=restart,
                              extend_steps=extend_steps)
+    except SrpError:
+        if created and [p.name for p in out.iterdir()] == [R.LOCK_FILE]:  # refused before writing anything
+            lock.release()
+            (out / R.LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     finally:
         lock.release()
 
@@ -455,6 +468,7 @@ def _train_locked(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool,
         loaded = load_payload(cfg, cfg.run.seed)
         if manifest is not None:
             _check_same_data(out, manifest, loaded)
+    _check_fits(cfg, loaded)
     if loaded.used_fallback:
         log("[data] no data.path: training on the built-in synthetic readout (data.fallback: synthetic)")
     if manifest is None:
@@ -464,10 +478,10 @@ def _train_locked(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool,
     if extension is not None:
         manifest.extensions.append(extension)
         log(f"[extend] {out.name}: training.steps {extension['from_steps']} -> {extension['to_steps']}")
-    (out / R.DONE_FILE).unlink(missing_ok=True)  # no run is marked done while it trains
-    manifest.outputs.pop(R.DONE_FILE, None)
+    if (out / R.DONE_FILE).exists() or (out / R.DONE_FILE).is_symlink():
+        (out / R.DONE_FILE).unlink()  # no run is marked done while it trains
+        manifest.outputs.pop(R.DONE_FILE, None)
     manifest.save(out)
-    _check_fits(cfg, loaded)
     with _device_errors(cfg, loaded):
         dataset = build_prism_dataset(cfg, loaded, cfg.run.seed)
         result = run_training(

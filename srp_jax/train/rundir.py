@@ -202,7 +202,12 @@ class Manifest:
             "outputs": self.outputs,
             "report": self.report,
         }
-        write_text_atomic(out / MANIFEST_FILE, json.dumps(doc, indent=1, sort_keys=False) + "\n")
+        text = json.dumps(doc, indent=1, sort_keys=False) + "\n"
+        with contextlib.suppress(OSError):
+            if (out / MANIFEST_FILE).read_text(encoding="utf-8") == text:
+                return  # unchanged: a refused or resumed run leaves the file as it was
+        write_text_atomic(out / MANIFEST_FILE, text)
+        self.created = doc["created"]
 
     def data_matches_stats(self, source: str, files: tuple[Path, ...]) -> bool:
         """True when the recorded payload came from ``source`` and its files still have the
