@@ -335,6 +335,13 @@ def test_report_path_never_replaces_a_file_it_did_not_write(tmp_path, capsys, mo
     (tmp_path / "run" / "DONE").unlink()  # re-evaluate: the run may replace its own report
     rc, err = cli(tiny(tmp_path / "run", "training.steps=2", f"artifacts.report_path={ours}"), capsys)
     assert rc == 0 and "[report]" in err
+    old_report = ours.read_bytes()
+    rc, err = cli(tiny(tmp_path / "run", "training.steps=3", f"artifacts.report_path={ours}", flags=["--restart"]), capsys)
+    assert rc == 0 and (next((tmp_path / "run" / PREVIOUS_DIR).iterdir()) / "report" / "run.md").read_bytes() == old_report
+    inside = tmp_path / "run2" / "report.md"  # a report kept inside the run directory is the run's own
+    assert cli(tiny(inside.parent, "training.steps=2", f"artifacts.report_path={inside}"), capsys)[0] == 0
+    rc, err = cli(tiny(inside.parent, "training.steps=2", f"artifacts.report_path={inside}"), capsys)
+    assert rc == 0 and "[skip]" in err
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,9 +583,12 @@ def _env():
 
 def test_hub_list_into_a_closed_pipe_is_quiet():
     script = "import sys; from srp_jax.cli.main import main; sys.exit(main(['hub', 'list', '--json']))"
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
-    proc.stdout.read(10)
-    proc.stdout.close()  # `| head -c 10`
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write (`| head` that already exited)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=write_end, stderr=subprocess.PIPE, env=_env())
+    finally:
+        os.close(write_end)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and err == ""
 

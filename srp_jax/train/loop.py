@@ -414,9 +414,12 @@ def train(
     if want_pt:
         require_torch("artifacts.export_pt / --export-pt")
     # Read-only checks first: a refused directory is left exactly as it was.
-    manifest = R.Manifest.load(out) if out.is_dir() else None
-    R.check_ownership(out, None if restart else manifest, force=force, movable=R.RUN_NAMES if restart else ())
-    _check_report_target(report, None if restart else manifest)
+    manifest = (R.Manifest.load_if_intact(out) if restart else R.Manifest.load(out)) if out.is_dir() else None
+    movable = R.RUN_NAMES if restart else ()
+    if restart and manifest is not None and manifest.report:  # a report the old run kept in the directory
+        movable += (Path(manifest.report["path"]).name,) if Path(manifest.report["path"]).parent == out.absolute() else ()
+    R.check_ownership(out, None if restart else manifest, force=force, movable=movable)
+    _check_report_target(report, manifest)  # --restart moves a report the old run wrote
     data_source(cfg)  # a missing payload or an unset variable fails here, before the directory is made
     created = not out.exists()
     R.make_run_dir(out)
@@ -438,9 +441,9 @@ def train(
 
 def _train_locked(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool, progress, log, *,
                   force: bool, restart: bool, extend_steps: bool) -> dict[str, Any]:
-    manifest = R.Manifest.load(out)  # again, under the lock
+    manifest = R.Manifest.load_if_intact(out) if restart else R.Manifest.load(out)  # again, under the lock
     if restart:
-        moved = R.move_previous_run(out)
+        moved = R.move_previous_run(out, manifest)
         if moved is not None:
             log(f"[restart] moved the previous run's files to {moved}")
         manifest = None

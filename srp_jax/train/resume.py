@@ -78,7 +78,10 @@ class StateStore:
     def open(self) -> StateStore:
         import orbax.checkpoint as ocp
 
-        options = ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True, enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=MAX_TO_KEEP, create=True, enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # what a killed save left (the run holds the directory's lock)
+        )
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as exc:

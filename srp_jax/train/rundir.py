@@ -167,6 +167,14 @@ class Manifest:
     created: str = ""
 
     @classmethod
+    def load_if_intact(cls, out: Path) -> Manifest | None:
+        """The manifest, or None when it is missing or damaged (what ``--restart`` moves aside)."""
+        try:
+            return cls.load(out)
+        except RunDirectoryError:
+            return None
+
+    @classmethod
     def load(cls, out: Path) -> Manifest | None:
         path = out / MANIFEST_FILE
         if not path.exists():
@@ -303,6 +311,8 @@ def foreign_entries(out: Path, manifest: Manifest | None) -> list[str]:
         path = out / name
         if name in (LOCK_FILE, MANIFEST_FILE, PREVIOUS_DIR) or _is_litter(name):
             continue
+        if manifest is not None and _is_our_report(path, manifest):
+            continue
         if manifest is None:
             foreign.append(name)
         elif name == STATE_DIR and path.is_dir() and not path.is_symlink():
@@ -310,6 +320,11 @@ def foreign_entries(out: Path, manifest: Manifest | None) -> list[str]:
         elif not matches_record(path, manifest.outputs.get(name)):
             foreign.append(name)
     return foreign
+
+
+def _is_our_report(path: Path, manifest: Manifest) -> bool:
+    record = manifest.report
+    return bool(record) and record.get("path") == str(path.absolute()) and matches_record(path, record)
 
 
 def _names(entries: list[str], limit: int = 6) -> str:
@@ -365,11 +380,15 @@ def make_run_dir(out: Path) -> None:
         raise OutputError(f"{out}: the run directory is not writable")
 
 
-def move_previous_run(out: Path) -> Path | None:
+def move_previous_run(out: Path, manifest: Manifest | None = None) -> Path | None:
     """``--restart``: move the previous run's files (the manifest, ``train_state/``,
-    ``checkpoint/`` and the outputs; nothing else) to ``<out>/srp_previous/<UTC time>/``."""
+    ``checkpoint/``, the outputs and, when ``manifest`` records it, its
+    ``artifacts.report_path`` file; nothing else) to ``<out>/srp_previous/<UTC time>/``."""
     present = [name for name in RUN_NAMES if (out / name).exists() or (out / name).is_symlink()]
-    if not present:
+    report = Path(manifest.report["path"]) if manifest is not None and manifest.report else None
+    if report is not None and not _is_our_report(report, manifest):
+        report = None
+    if not present and report is None:
         return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = out / PREVIOUS_DIR / stamp
@@ -381,6 +400,11 @@ def move_previous_run(out: Path) -> Path | None:
         target.mkdir(parents=True)
         for name in present:
             os.replace(out / name, target / name)
+        if report is not None:
+            import shutil
+
+            (target / "report").mkdir()
+            shutil.move(str(report), str(target / "report" / report.name))
     except OSError as exc:
         raise OutputError(f"{out}: cannot move the previous run aside ({exc.strerror or exc})") from None
     return target
