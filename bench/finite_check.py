@@ -2,7 +2,7 @@
 with the flags dead-code-eliminated, and reading the flags on the host every step vs at the
 logging cadence (what the loop does).
 
-    python bench/finite_check.py [--config smoke] [--steps 200] [--set factorizer.d_features=4096 ...]
+    python bench/finite_check.py [--config smoke] [--block 25] [--rounds 12] [--set factorizer.d_features=4096 ...]
 
 Prints steps/s for each variant and the ratios to the flag-free step.
 """
@@ -13,6 +13,7 @@ import argparse
 import time
 
 import jax
+import numpy as np
 
 from srp_jax.compile import compile_step, compiled
 from srp_jax.config import load_run_config
@@ -25,9 +26,9 @@ from srp_jax.train.step import StepSpec, make_optimizer, make_train_step, sample
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="smoke")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block", type=int, default=25, help="steps per timed block")
+    ap.add_argument("--rounds", type=int, default=12, help="interleaved blocks per variant (the median is reported)")
+    ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     cfg = load_run_config(args.config, args.overrides)
@@ -49,39 +50,47 @@ def main() -> None:
     def fresh():
         return init_train_state(cfg.init_seed, cfg.factorizer, cfg.training, ds.d_model, optimizer, ds.rows_normalized, weights)
 
-    def run(fn, read: str) -> float:
-        state = fresh()
+    states = {}
+
+    def run(name, fn, read: str) -> float:
+        """steps/s over one block of ``--block`` steps (the state carries on between blocks)."""
+        state = states.pop(name) if name in states else fresh()
         pending = []
-        state, m = fn(state, sample(data, state.rng, state.step + 1))  # compile
-        jax.block_until_ready(state.params)
+        if name not in compiled_once:
+            state, m = fn(state, sample(data, state.rng, state.step + 1))  # compile
+            jax.block_until_ready(state.params)
+            compiled_once.add(name)
         t0 = time.perf_counter()
-        for t in range(1, args.steps + 1):
+        for t in range(1, args.block + 1):
             state, m = fn(state, sample(data, state.rng, state.step + 1))
             if read == "every step":
                 assert int(m["nonfinite"]) == 0
             elif read == "log cadence":
                 pending.append(m["nonfinite"])
-                if t % args.log_every == 0:
+                if t % args.log_every == 0 or t == args.block:
                     assert not any(int(x) for x in jax.device_get(pending))
                     pending.clear()
                     float(m["loss"])
-            elif t % args.log_every == 0:
+            elif t % args.log_every == 0 or t == args.block:
                 float(m["loss"])
         jax.block_until_ready(state.params)
-        return args.steps / (time.perf_counter() - t0)
+        states[name] = state
+        return args.block / (time.perf_counter() - t0)
 
+    compiled_once: set[str] = set()
     variants = {
         "no flags (baseline)": (no_flags, "none"),
         "flags, read at log cadence (the loop)": (with_flags, "log cadence"),
         "flags, read every step": (with_flags, "every step"),
     }
-    rates = dict.fromkeys(variants, 0.0)
-    for _ in range(args.repeats):  # interleaved, so a change of load on a shared machine hits every variant
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):  # short interleaved blocks: load changes on a shared machine hit every variant
         for name, (fn, read) in variants.items():
-            rates[name] = max(rates[name], run(fn, read))
+            samples[name].append(run(name, fn, read))
+    rates = {name: float(np.median(v)) for name, v in samples.items()}
     base = rates["no flags (baseline)"]
     D, B, d = cfg.factorizer.d_features, cfg.training.batch_size, ds.d_model
-    print(f"{jax.devices()[0].platform}: D={D} d={d} B={B}, {args.steps} steps, best of {args.repeats}")
+    print(f"{jax.devices()[0].platform}: D={D} d={d} B={B}, median of {args.rounds} interleaved blocks of {args.block} steps")
     for name, rate in rates.items():
         print(f"  {name:<40} {rate:8.1f} steps/s   x{rate / base:.3f}")
 

@@ -635,6 +635,13 @@ def test_litter_of_killed_writes_is_cleaned_at_the_next_write(finished, tmp_path
     for folder in (*litter, live):
         (folder / "arrays").mkdir(parents=True)
         (folder / "arrays" / "blob").write_bytes(os.urandom(1000))
+    old_version = tmp_path / ".dict.tmp-k3j4h5g6"  # an older srp-jax's name (no pid): stale after an hour
+    recent_old_version = tmp_path / ".dict.tmp-a1b2c3d4"
+    for folder in (old_version, recent_old_version):
+        folder.mkdir()
+    two_hours_ago = time.time() - 7200
+    os.utime(old_version, (two_hours_ago, two_hours_ago))
+    litter.append(old_version)
     file_litter = tmp_path / f".d.pt.tmp-{dead}-q1w2e3.tmp"
     file_litter.write_bytes(b"half a file")
     assert cli(["convert", tmp_path / "d.pt", dst], capsys)[0] == 0
@@ -642,7 +649,7 @@ def test_litter_of_killed_writes_is_cleaned_at_the_next_write(finished, tmp_path
     assert not any(p.exists() for p in litter) and live.exists()
     assert cli(["convert", dst, tmp_path / "d.pt", "--force"], capsys)[0] == 0
     assert not file_litter.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".dict.tmp-%d-zzz" % alive, "d.pt", "dict"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".dict.tmp-{alive}-zzz", ".dict.tmp-a1b2c3d4", "d.pt", "dict"])
 
 
 def test_exported_pt_files_are_deterministic_with_the_reference_root(finished, tmp_path, capsys):
