@@ -12,61 +12,104 @@ The reference-parity names (``load_factorizer``, ``preprocess_rows``, ``decompos
 
 from __future__ import annotations
 
-from ._version import __version__
+import importlib as _importlib
 
-from . import factorizers, hub, metrics
-from .checkpoint import is_srp_checkpoint, save_dictionary
-from .config import ARCHITECTURES, EvaluationConfig, FactorizerConfig, RunConfig, load_run_config, resolve_eval_k
-from .data import PrismDataset, load_prism_dataset, make_synthetic_data
-from .decompose import (
-    Decomposition,
-    MarginDecomposition,
-    QueryDecomposition,
-    QueryDecompositions,
-    TokenDecompositions,
-    batch_decomposition_identity_error,
-    build_query_weights,
-    coverage_stats,
-    decompose_query,
-    decompose_queries,
-    decompose_rows,
-    decompose_token_logit,
-    decompose_tokens,
-    margin_from_rows,
-)
-from . import errors as _errors
-from .dictionary import Dictionary, load_dictionary, load_factorizer
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DependencyError,
-    HubError,
-    MissingConfigError,
-    MissingKeyError,
-    NonFiniteError,
-    ShapeError,
-    StateDictShapeError,
-    SrpError,
-    ThresholdNotReadyError,
-    UnexpectedKeyError,
-)
-from .factorizers import FactorizerBatch, FactorizerOutput, decode, encode, forward, init_factorizer, topk_mask
-from .gate import Explanation, GateResult, GateRule, explain, fidelity_gate
-from .hub import fetch_checkpoint
-from .metrics import evaluate
-from .modules import (
-    BatchTopKSAE,
-    GatedSAE,
-    JumpReLUSAE,
-    L1ReLUSAE,
-    SAEBase,
-    TopKSAE,
-    bind_dictionary,
-    build_factorizer,
-    module_from_dictionary,
-)
-from .readout import Readout, center_normalize_rows, preprocess_rows, resolve_row_mean
-from .train import TrainState  # the loop itself: srp_jax.train.train (the subpackage stays importable)
+from ._version import __version__
+from .errors import __all__ as _error_names
+
+# Public names -> (submodule, attribute); imported on first access (PEP 562), so that
+# ``import srp_jax`` and ``srp-jax --help`` stay fast and jax is loaded only when used.
+_EXPORTS: dict[str, tuple[str, str | None]] = {
+    "factorizers": ("factorizers", None),
+    "hub": ("hub", None),
+    "metrics": ("metrics", None),
+    "is_srp_checkpoint": ("checkpoint", 'is_srp_checkpoint'),
+    "save_dictionary": ("checkpoint", 'save_dictionary'),
+    "ARCHITECTURES": ("config", 'ARCHITECTURES'),
+    "EvaluationConfig": ("config", 'EvaluationConfig'),
+    "FactorizerConfig": ("config", 'FactorizerConfig'),
+    "RunConfig": ("config", 'RunConfig'),
+    "load_run_config": ("config", 'load_run_config'),
+    "resolve_eval_k": ("config", 'resolve_eval_k'),
+    "PrismDataset": ("data", 'PrismDataset'),
+    "load_prism_dataset": ("data", 'load_prism_dataset'),
+    "make_synthetic_data": ("data", 'make_synthetic_data'),
+    "Decomposition": ("decompose", 'Decomposition'),
+    "MarginDecomposition": ("decompose", 'MarginDecomposition'),
+    "QueryDecomposition": ("decompose", 'QueryDecomposition'),
+    "QueryDecompositions": ("decompose", 'QueryDecompositions'),
+    "TokenDecompositions": ("decompose", 'TokenDecompositions'),
+    "batch_decomposition_identity_error": ("decompose", 'batch_decomposition_identity_error'),
+    "build_query_weights": ("decompose", 'build_query_weights'),
+    "coverage_stats": ("decompose", 'coverage_stats'),
+    "decompose_query": ("decompose", 'decompose_query'),
+    "decompose_queries": ("decompose", 'decompose_queries'),
+    "decompose_rows": ("decompose", 'decompose_rows'),
+    "decompose_token_logit": ("decompose", 'decompose_token_logit'),
+    "decompose_tokens": ("decompose", 'decompose_tokens'),
+    "margin_from_rows": ("decompose", 'margin_from_rows'),
+    "Dictionary": ("dictionary", 'Dictionary'),
+    "load_dictionary": ("dictionary", 'load_dictionary'),
+    "load_factorizer": ("dictionary", 'load_factorizer'),
+    "CheckpointError": ("errors", 'CheckpointError'),
+    "ConfigError": ("errors", 'ConfigError'),
+    "DependencyError": ("errors", 'DependencyError'),
+    "HubError": ("errors", 'HubError'),
+    "MissingConfigError": ("errors", 'MissingConfigError'),
+    "MissingKeyError": ("errors", 'MissingKeyError'),
+    "NonFiniteError": ("errors", 'NonFiniteError'),
+    "ShapeError": ("errors", 'ShapeError'),
+    "StateDictShapeError": ("errors", 'StateDictShapeError'),
+    "SrpError": ("errors", 'SrpError'),
+    "ThresholdNotReadyError": ("errors", 'ThresholdNotReadyError'),
+    "UnexpectedKeyError": ("errors", 'UnexpectedKeyError'),
+    "FactorizerBatch": ("factorizers", 'FactorizerBatch'),
+    "FactorizerOutput": ("factorizers", 'FactorizerOutput'),
+    "decode": ("factorizers", 'decode'),
+    "encode": ("factorizers", 'encode'),
+    "forward": ("factorizers", 'forward'),
+    "init_factorizer": ("factorizers", 'init_factorizer'),
+    "topk_mask": ("factorizers", 'topk_mask'),
+    "Explanation": ("gate", 'Explanation'),
+    "GateResult": ("gate", 'GateResult'),
+    "GateRule": ("gate", 'GateRule'),
+    "explain": ("gate", 'explain'),
+    "fidelity_gate": ("gate", 'fidelity_gate'),
+    "fetch_checkpoint": ("hub", 'fetch_checkpoint'),
+    "evaluate": ("metrics", 'evaluate'),
+    "BatchTopKSAE": ("modules", 'BatchTopKSAE'),
+    "GatedSAE": ("modules", 'GatedSAE'),
+    "JumpReLUSAE": ("modules", 'JumpReLUSAE'),
+    "L1ReLUSAE": ("modules", 'L1ReLUSAE'),
+    "SAEBase": ("modules", 'SAEBase'),
+    "TopKSAE": ("modules", 'TopKSAE'),
+    "bind_dictionary": ("modules", 'bind_dictionary'),
+    "build_factorizer": ("modules", 'build_factorizer'),
+    "module_from_dictionary": ("modules", 'module_from_dictionary'),
+    "Readout": ("readout", 'Readout'),
+    "center_normalize_rows": ("readout", 'center_normalize_rows'),
+    "preprocess_rows": ("readout", 'preprocess_rows'),
+    "resolve_row_mean": ("readout", 'resolve_row_mean'),
+    "TrainState": ("train", 'TrainState'),
+}
+_EXPORTS.update({name: ("errors", name) for name in _error_names})
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'srp_jax' has no attribute {name!r}") from None
+    value = _importlib.import_module(f".{module}", __name__)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value  # cache: the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     # reference-parity names
@@ -134,4 +177,4 @@ __all__ = [
     "fetch_checkpoint",
     "TrainState",
 ]
-__all__ += _errors.__all__
+__all__ += list(_error_names)

@@ -59,6 +59,39 @@ def as_float_array(
         if ndim is not None and arr.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
             raise ShapeError(f"{name} must have rank {ndim}, got shape {tuple(arr.shape)}")
         return arr.astype(dtype)
+    if is_spread(x):  # placed on a mesh: checked there, kept there (no copy to one device)
+        return _check_spread(x, name=name, ndim=ndim, check_finite=check_finite).astype(dtype)
+    return jnp.asarray(as_host_float_array(x, name=name, ndim=ndim, dtype=dtype, check_finite=check_finite))
+
+
+def is_spread(x: Any) -> bool:
+    """True for a ``jax.Array`` laid out over more than one device (e.g. on a mesh)."""
+    return isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+
+
+def _check_spread(x: jax.Array, *, name: str, ndim: Any, check_finite: bool) -> jax.Array:
+    if not (jnp.issubdtype(x.dtype, jnp.floating)):
+        raise ShapeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if allowed is not None and x.ndim not in allowed:
+        raise ShapeError(f"{name} must have rank {' or '.join(map(str, allowed))}, got shape {tuple(x.shape)}")
+    if check_finite and x.size:
+        bad = int(_count_nonfinite(x))  # a reduction on the devices holding x; one number back
+        if bad:
+            raise NonFiniteError(f"{name} contains {bad} NaN/Inf value(s)")
+    return x
+
+
+@jax.jit
+def _count_nonfinite(x: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(x.astype(jnp.float32)), dtype=jnp.int32)
+
+
+def as_host_float_array(
+    x: Any, *, name: str, ndim: int | tuple[int, ...] | None = None, dtype=np.float32, check_finite: bool = True
+) -> np.ndarray:
+    """:func:`as_float_array`'s checks, returning a host NumPy array (to place on a mesh
+    without a copy on the default device)."""
     arr_np = to_numpy(x, name=name)
     kind = arr_np.dtype.kind
     if not (kind == "f" or arr_np.dtype == ml_dtypes.bfloat16):
@@ -70,7 +103,7 @@ def as_float_array(
     if check_finite and arr_np.size and not np.all(np.isfinite(arr_np.astype(np.float32))):
         bad = int(np.size(arr_np) - np.count_nonzero(np.isfinite(arr_np.astype(np.float32))))
         raise NonFiniteError(f"{name} contains {bad} NaN/Inf value(s)")
-    return jnp.asarray(arr_np, dtype=dtype)
+    return np.asarray(arr_np, dtype=dtype)
 
 
 def as_index_array(x: Any, *, name: str, ndim: int | None = None, upper: int | None = None) -> np.ndarray:

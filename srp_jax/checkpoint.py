@@ -15,13 +15,20 @@ Loading checks, in order: the JSON parses and its own checksum holds; every file
 array has the recorded shape, dtype and sha256 of its raw bytes. Any damage therefore ends in a
 :class:`~srp_jax.errors.CheckpointError` naming the path and the file or array at fault.
 
+Sharded restores (arrays placed on a mesh, possibly spread over hosts) never gather an array
+to check it: each parameter also records **block checksums**, the sha256 of equal slices
+along each axis (as many blocks as the largest power of two dividing the axis, at most
+:data:`MAX_BLOCKS`), and each host hashes the blocks that lie inside the shards it holds
+(a shard split along one axis is a union of whole blocks for any power-of-two split up to
+``MAX_BLOCKS``). In a multi-host restore the hosts also share the file checks between them.
+
 Metadata blocks (``factorizer``, ``evaluation``, ``metrics``, the Hub ``config`` block and,
 for files that came from a ``.pt``, that file's layout) are kept verbatim: JSON plus tags for
 the few Python values JSON lacks (tuples, non-string keys, bytes, small NumPy arrays stored
 bit-exactly as base64).
 
 Saving is atomic (a temporary directory beside the target, renamed into place) and done by one
-process: arrays are gathered to host memory first. Loading can place params and buffers on any
+process (in a multi-host run, process 0 alone: it calls this with host arrays). Loading can place params and buffers on any
 ``jax.sharding.Sharding`` (restored directly onto it through ``jax.ShapeDtypeStruct`` targets).
 """
 
@@ -61,6 +68,7 @@ _DICTIONARY_FIELDS = ("config", "params", "buffers", "d_model", "row_mean", "row
                       "metrics", "evaluation", "factorizer_block", "source_config")
 _ROW_KEYS = ("row_mean", "row_norms", "row_token_ids")
 _JAX_FLOATS = ("float32", "bfloat16", "float16")
+MAX_BLOCKS = 256  # block checksums per axis (a power of two)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,6 +165,29 @@ def array_sha256(arr: Any) -> str:
     return _sha256_bytes(np.ascontiguousarray(np.asarray(arr)).tobytes())
 
 
+def block_count(size: int) -> int:
+    """Blocks along an axis of ``size``: the largest power of two dividing it, <= MAX_BLOCKS."""
+    n = 1
+    while n < MAX_BLOCKS and size % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def block_sha256s(arr: np.ndarray) -> dict[str, list[str]]:
+    """``{axis: [sha256 of each block]}`` for every axis longer than 1 that splits into
+    more than one block (block j of axis a: the slice [j*n/B, (j+1)*n/B) along a)."""
+    out: dict[str, list[str]] = {}
+    for axis, size in enumerate(arr.shape):
+        nb = block_count(size)
+        if size <= 1 or nb <= 1:
+            continue
+        step = size // nb
+        out[str(axis)] = [
+            array_sha256(np.take(arr, np.arange(j * step, (j + 1) * step), axis=axis)) for j in range(nb)
+        ]
+    return out
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -210,6 +241,20 @@ class LoadedCheckpoint:
     layout: dict[str, Any] | None
     metadata: dict[str, Any]
     path: Path
+    verified: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _checkpointer(local: bool):
+    """An Orbax StandardCheckpointer; ``local``: used by this process alone (host arrays or
+    arrays on its own devices) even in a multi-process run."""
+    import orbax.checkpoint as ocp
+
+    if not local or jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    )
 
 
 def _host_arrays(dictionary: Any) -> dict[str, np.ndarray]:
@@ -260,8 +305,6 @@ def save_dictionary(
     top-level layout of the ``.pt`` the dictionary came from so the reverse conversion
     reproduces it. Returns the checkpoint path.
     """
-    import orbax.checkpoint as ocp
-
     _check_dictionary(dictionary)
     path = Path(path).absolute()
     check_destination(path, force=force, replaceable=is_srp_checkpoint, what="an srp-jax checkpoint")
@@ -270,6 +313,9 @@ def save_dictionary(
         name: {"shape": list(arr.shape), "dtype": _dtype_name(arr.dtype), "sha256": array_sha256(arr)}
         for name, arr in flat.items()
     }
+    for name, arr in flat.items():
+        if name.split("/")[0] in ("params", "buffers") and (blocks := block_sha256s(arr)):
+            arrays_meta[name]["blocks"] = blocks
     check_writable_parent(path, what="checkpoint")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
@@ -277,7 +323,7 @@ def save_dictionary(
         raise OutputError(f"{path}: cannot create a folder in {path.parent} ({exc.strerror or exc})") from None
     try:
         publish_permissions(tmp, directory=True)
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer(local=True) as ckptr:
             ckptr.save(tmp / ARRAYS_DIR, _unflatten(flat))
         files = {}
         for file in sorted(p for p in (tmp / ARRAYS_DIR).rglob("*") if p.is_file()):
@@ -445,16 +491,97 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return content
 
 
+def _file_problem(path: Path, rel: str, info: Mapping[str, Any]) -> str | None:
+    file = path / rel
+    if not file.is_file():
+        return f"file {rel} is missing"
+    size = file.stat().st_size
+    if size != info["size"]:
+        return f"file {rel} has {size} bytes, expected {info['size']} (truncated or damaged)"
+    if _file_sha256(file) != info["sha256"]:
+        return f"file {rel} fails its sha256 check (damaged)"
+    return None
+
+
 def _verify_files(path: Path, files: Mapping[str, Any]) -> None:
-    for rel, info in files.items():
-        file = path / rel
-        if not file.is_file():
-            raise CheckpointError(f"{path}: file {rel} is missing")
-        size = file.stat().st_size
-        if size != info["size"]:
-            raise CheckpointError(f"{path}: file {rel} has {size} bytes, expected {info['size']} (truncated or damaged)")
-        if _file_sha256(file) != info["sha256"]:
-            raise CheckpointError(f"{path}: file {rel} fails its sha256 check (damaged)")
+    """Check every file's size and sha256."""
+    for rel, info in sorted(files.items()):
+        if (problem := _file_problem(path, rel, info)) is not None:
+            raise CheckpointError(f"{path}: {problem}")
+
+
+def _verify_files_shared(path: Path, files: Mapping[str, Any]) -> None:
+    """:func:`_verify_files` for a restore every process takes part in: process i checks
+    files i, i+n, ... and the verdicts are exchanged (each file is read once in all)."""
+    if jax.process_count() == 1:
+        _verify_files(path, files)
+        return
+    from jax.experimental import multihost_utils
+
+    items = sorted(files.items())
+    me, n = jax.process_index(), jax.process_count()
+    problem = next((p for rel, info in items[me::n] if (p := _file_problem(path, rel, info)) is not None), None)
+    verdicts = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    if verdicts.any():
+        bad = int(np.flatnonzero(verdicts)[0])
+        raise CheckpointError(f"{path}: process {bad} found a damaged or missing file (see its log)")
+
+
+def _shard_slices(index: tuple, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [sl.indices(n)[:2] if isinstance(sl, slice) else (int(sl), int(sl) + 1) for sl, n in zip(index, shape)]
+
+
+def _verify_array(path: Path, name: str, value: Any, info: Mapping[str, Any], stats: dict[str, int]) -> None:
+    """Check a restored array against its recorded checksums without gathering it: on a
+    mesh, each distinct local shard split along one axis is checked block by block; a shard
+    holding the whole array, or an array on one device, by its sha256."""
+    shape = tuple(info["shape"])
+
+    def whole(arr: np.ndarray) -> None:
+        if array_sha256(arr) != info.get("sha256"):
+            raise CheckpointError(f"{path}: array {name} fails its sha256 check (damaged)")
+        stats["whole_arrays_hashed"] += 1
+
+    single = not isinstance(value, jax.Array) or len(value.sharding.device_set) == 1
+    if single:
+        whole(np.asarray(value))
+        return
+    blocks = info.get("blocks") or {}
+    unverified = False
+    seen: set[tuple] = set()
+    for shard in value.addressable_shards:
+        bounds = _shard_slices(shard.index, shape)
+        key = tuple(bounds)
+        if key in seen:
+            continue
+        seen.add(key)
+        partial = [a for a, (lo, hi) in enumerate(bounds) if (lo, hi) != (0, shape[a])]
+        if not partial:
+            whole(np.asarray(shard.data))
+            continue
+        axis = partial[0]
+        hashes = blocks.get(str(axis))
+        if len(partial) > 1 or not hashes:
+            unverified = True
+            continue
+        lo, hi = bounds[axis]
+        step = shape[axis] // len(hashes)
+        data = np.asarray(shard.data)
+        covered = 0
+        for j in range(-(-lo // step), hi // step):
+            part = np.take(data, np.arange(j * step - lo, (j + 1) * step - lo), axis=axis)
+            if array_sha256(part) != hashes[j]:
+                raise CheckpointError(f"{path}: array {name} block {j} (axis {axis}) fails its sha256 check (damaged)")
+            stats["blocks_verified"] += 1
+            covered += step
+        unverified |= covered != hi - lo
+    if unverified:
+        if value.is_fully_addressable:  # one host: hash the whole array on the host
+            whole(np.asarray(value))
+        else:  # no block fits these shards: the file checksums above cover the bytes
+            stats["unverified_arrays"] += 1
 
 
 def _sharding_trees(sharding: Any, names: list[str]) -> dict[str, Any]:
@@ -489,9 +616,12 @@ def _sharding_trees(sharding: Any, names: list[str]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedCheckpoint:
-    """Verify and restore an srp-jax checkpoint (or a run directory's ``checkpoint/``)."""
-    import orbax.checkpoint as ocp
+    """Verify and restore an srp-jax checkpoint (or a run directory's ``checkpoint/``).
 
+    ``sharding`` places params and buffers: a ``jax.sharding.Mesh`` (laid out by
+    :func:`srp_jax.sharding.param_rules`), one Sharding, or a tree of them (see
+    :func:`_sharding_trees`); when it spans several processes, every process must call this
+    (a collective restore)."""
     path = resolve_checkpoint_dir(path)
     content = _read_metadata(path)
     try:
@@ -509,12 +639,21 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
         raise CheckpointError(f"{path / METADATA_FILE}: malformed metadata ({type(exc).__name__}: {exc})") from None
     except RecursionError:
         raise CheckpointError(f"{path / METADATA_FILE}: malformed metadata (nested too deeply)") from None
-    _verify_files(path, files)
     if not isinstance(factorizer_block, Mapping):
         raise CheckpointError(f"{path}: the factorizer block is not a dict")
     cfg = FactorizerConfig.from_dict(factorizer_block, strict=False)
     device_names = [n for n in arrays_meta if n.split("/")[0] in ("params", "buffers")]
+    if isinstance(sharding, jax.sharding.Mesh):  # lay the arrays out by the partition rules
+        from . import sharding as SH
+
+        shapes_tree = _unflatten({n: jax.ShapeDtypeStruct(shapes[n], dtypes[n]) for n in device_names})
+        sharding = SH.tree_shardings(sharding, shapes_tree, SH.param_rules(cfg), what=f"{path}: ")
     shardings = _sharding_trees(sharding, device_names)
+    local = all(s.is_fully_addressable for s in shardings.values())
+    if local:
+        _verify_files(path, files)
+    else:
+        _verify_files_shared(path, files)
     target: dict[str, Any] = {}
     for name in arrays_meta:
         if name in shardings:
@@ -522,7 +661,7 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
         else:
             target[name] = np.empty(shapes[name], dtypes[name])
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer(local=local) as ckptr:
             restored = ckptr.restore((path / ARRAYS_DIR).absolute(), _unflatten(target))
     except SrpError:
         raise
@@ -532,14 +671,14 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
     flat = _flatten(restored)
     if set(flat) != set(arrays_meta):
         raise CheckpointError(f"{path}: restored arrays {sorted(flat)} differ from the recorded {sorted(arrays_meta)}")
+    stats = {"whole_arrays_hashed": 0, "blocks_verified": 0, "unverified_arrays": 0}
     for name, value in flat.items():
-        host = np.asarray(value)
-        if tuple(host.shape) != shapes[name] or host.dtype != dtypes[name]:
+        got_shape, got_dtype = tuple(np.shape(value)), np.dtype(value.dtype)
+        if got_shape != shapes[name] or got_dtype != dtypes[name]:
             raise CheckpointError(
-                f"{path}: array {name} restored as {host.dtype}{list(host.shape)}, recorded {dtypes[name]}{list(shapes[name])}"
+                f"{path}: array {name} restored as {got_dtype}{list(got_shape)}, recorded {dtypes[name]}{list(shapes[name])}"
             )
-        if array_sha256(host) != arrays_meta[name].get("sha256"):
-            raise CheckpointError(f"{path}: array {name} fails its sha256 check (damaged)")
+        _verify_array(path, name, value, arrays_meta[name], stats)
     params = restored.get("params", {})
     buffers = restored.get("buffers", {})
     rows = restored.get("rows", {})
@@ -572,7 +711,7 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
         factorizer_block=dict(factorizer_block) if content.get("factorizer_is_verbatim", True) else None,
         source_config=dict(source_config) if isinstance(source_config, Mapping) else None,
     )
-    return LoadedCheckpoint(contents=contents, layout=layout, metadata=content, path=path)
+    return LoadedCheckpoint(contents=contents, layout=layout, metadata=content, path=path, verified=stats)
 
 
 def _has_all(params: Mapping[str, Any], buffers: Mapping[str, Any], cfg: FactorizerConfig) -> bool:

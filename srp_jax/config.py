@@ -461,33 +461,59 @@ class TrainingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactsConfig:
-    """``artifacts:``. ``make_figures`` is inert; ``export_pt`` (ours) also writes ``checkpoint.pt``."""
+    """``artifacts:``. ``make_figures`` is inert; ours: ``export_pt`` also writes
+    ``checkpoint.pt``; ``tensorboard`` writes event files under ``<out>/tensorboard``
+    (extra ``watch``); ``wandb_project`` logs to Weights & Biases (needs ``wandb``)."""
 
     save_checkpoint: bool = True
     report_path: str | None = None
     make_figures: Any = None
     export_pt: bool = False
+    tensorboard: bool = False
+    wandb_project: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "save_checkpoint", _as_bool("artifacts.save_checkpoint", self.save_checkpoint))
         object.__setattr__(self, "export_pt", _as_bool("artifacts.export_pt", self.export_pt))
+        object.__setattr__(self, "tensorboard", _as_bool("artifacts.tensorboard", self.tensorboard))
+        object.__setattr__(self, "wandb_project", _as_str("artifacts.wandb_project", self.wandb_project, allow_none=True))
         object.__setattr__(self, "report_path", _as_str("artifacts.report_path", self.report_path, allow_none=True))
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """``mesh:`` device-mesh axis sizes (``data: -1`` = all remaining devices). Accepted and
-    validated now; used once sharding lands."""
+    """``mesh:`` the device mesh (see ``docs/scaling.md``): ``data`` / ``model`` axis sizes
+    (``-1`` = all the devices the other axis leaves; data * model = jax.device_count()),
+    and the training top-k: ``topk`` ``exact`` (default) or ``approx_max_k`` (TPU-fast,
+    approximate, keeps about ``topk_recall`` of each shard's true top-k; training only)."""
 
     data: int = -1
     model: int = 1
+    topk: str = "exact"
+    topk_recall: float = 0.95
 
     def __post_init__(self) -> None:
-        data = _as_int("mesh.data", self.data)
-        if data != -1 and data < 1:
-            raise ConfigError(f"mesh.data must be -1 (all devices) or >= 1, got {data}")
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "model", _as_int("mesh.model", self.model, minimum=1))
+        for name in ("data", "model"):
+            value = _as_int(f"mesh.{name}", getattr(self, name))
+            if value != -1 and value < 1:
+                raise ConfigError(f"mesh.{name} must be -1 (fill with the remaining devices) or >= 1, got {value}")
+            object.__setattr__(self, name, value)
+        if self.data == -1 and self.model == -1:
+            raise ConfigError("mesh.data and mesh.model cannot both be -1")
+        if self.topk not in TOPK_ALGORITHMS:
+            raise ConfigError(f"mesh.topk must be one of {', '.join(TOPK_ALGORITHMS)}, got {self.topk!r}")
+        recall = _as_float("mesh.topk_recall", self.topk_recall)
+        if not 0.0 < recall <= 1.0:
+            raise ConfigError(f"mesh.topk_recall must be in (0, 1], got {recall}")
+        object.__setattr__(self, "topk_recall", recall)
+
+    @property
+    def approx_recall(self) -> float | None:
+        """The ``approx_max_k`` recall target of training, or None (exact top-k)."""
+        return self.topk_recall if self.topk == "approx_max_k" else None
+
+
+TOPK_ALGORITHMS = ("exact", "approx_max_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -637,6 +663,25 @@ def builtin_config_path(name: str):
     return None
 
 
+def builtin_config_names() -> list[str]:
+    """Names accepted by ``--config`` besides file paths: ``smoke``, ``smollm2-cpu``, ...,
+    ``paper/<model>/<op>``."""
+    from importlib import resources
+
+    try:
+        root = resources.files("srp_jax.configs")
+    except ModuleNotFoundError:  # pragma: no cover - broken install
+        return []
+    names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and p.name != "registry.yaml")
+    paper = root / "paper"
+    if paper.is_dir():
+        for model in sorted(paper.iterdir(), key=lambda p: p.name):
+            if model.is_dir():
+                names += [f"paper/{model.name}/{op.name[:-5]}" for op in sorted(model.iterdir(), key=lambda p: p.name)
+                          if op.name.endswith(".yaml")]
+    return names
+
+
 def read_config_file(path_or_name) -> tuple[dict[str, Any], str]:
     """Read a YAML config from a file, or a built-in config by name. Returns (mapping, source)."""
     import os
@@ -651,7 +696,14 @@ def read_config_file(path_or_name) -> tuple[dict[str, Any], str]:
         if node is None and os.path.isdir(text):
             raise ConfigError(f"{text}: is a directory, not a YAML config file")
         if node is None:
-            raise ConfigError(f"{text}: no such config file (and no built-in config of that name)")
+            names = builtin_config_names()
+            flat = [n for n in names if not n.startswith("paper/")]
+            paper = [n for n in names if n.startswith("paper/")]
+            raise ConfigError(
+                f"{text}: no such config file or built-in config (built-in: {', '.join(flat)}, and "
+                f"{len(paper)} paper configs paper/<model>/<op>, e.g. {paper[0] if paper else 'none'}; "
+                "srp-jax hub list shows the <model>/<op> names)"
+            )
         source, opener = f"srp_jax.configs:{text}", lambda: node.open("r", encoding="utf-8")
     try:
         with opener() as fh:

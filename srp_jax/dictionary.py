@@ -22,6 +22,7 @@ import numpy as np
 from . import factorizers as F
 from . import hub
 from ._arrays import as_float_array, check_last_dim, static_k, to_numpy
+from ._display import count_parameters, fields_repr, html_table, scalar_text
 from .checkpoint import load_checkpoint, save_dictionary
 from .config import FactorizerConfig
 from ._lazy import read_pt
@@ -29,7 +30,7 @@ from .errors import CheckpointError, ConfigError, MissingConfigError, ShapeError
 from .readout import Readout
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Dictionary:
     """A loaded or trained factorizer.
 
@@ -77,6 +78,37 @@ class Dictionary:
     def readout(self, W_U: Any, *, token_mask: Any = None, softcap: float | None = None, rows: str = "trained"):
         """``W_U`` prepared the way this dictionary was trained (see ``Readout.for_dictionary``)."""
         return Readout.for_dictionary(W_U, self, token_mask=token_mask, softcap=softcap, rows=rows)
+
+    # ---- display
+    def _summary_rows(self) -> list[tuple[str, Any]]:
+        dtype = getattr(self.params.get("decoder"), "dtype", "?")
+        rows = [
+            ("architecture", self.architecture),
+            ("d_model", self.d_model),
+            ("d_features", self.d_features),
+            ("k", self.k),
+            ("dtype", np.dtype(dtype).name if dtype != "?" else dtype),
+            ("parameters", f"{count_parameters(self.params):,}"),
+        ]
+        if self.buffers:
+            rows.append(("buffers", ", ".join(f"{k}={scalar_text(v)}" for k, v in self.buffers.items())))
+        if self.row_norms is not None:
+            rows.append(("trained rows", int(np.shape(self.row_norms)[0])))
+        if self.metrics:
+            from .hub import metric
+
+            shown = [(name, metric(self.metrics, name)) for name in ("rowEV", "top1", "KL")]
+            rows += [(name, f"{value:.4g}") for name, value in shown if isinstance(value, (int, float))]
+        if self.training:
+            rows.append(("mode", "training"))
+        return rows
+
+    def __repr__(self) -> str:
+        keep = ("architecture", "d_model", "d_features", "k", "dtype", "parameters", "trained rows", "mode")
+        return fields_repr("Dictionary", [(k.replace(" ", "_"), v) for k, v in self._summary_rows() if k in keep])
+
+    def _repr_html_(self) -> str:
+        return html_table("srp-jax Dictionary", self._summary_rows())
 
     def replace(self, **changes: Any) -> Dictionary:
         """A copy with ``changes`` applied (the arrays are shared, not copied)."""
@@ -256,9 +288,11 @@ def load_dictionary(path: str | os.PathLike, *, sharding: Any = None) -> Diction
     """Load an srp-jax checkpoint directory (or a training run directory holding
     ``checkpoint/``) into a :class:`Dictionary`.
 
-    ``sharding``: None (default device), one ``jax.sharding.Sharding`` for every parameter and
-    buffer, or a pytree of them (``{"params": ..., "buffers": ...}`` or shaped like params);
-    arrays are restored directly onto it. Every array's checksum is verified.
+    ``sharding``: None (default device), a ``jax.sharding.Mesh`` (the partition rules of
+    :mod:`srp_jax.sharding`: D on ``model``), one ``jax.sharding.Sharding`` for every parameter
+    and buffer, or a pytree of them (``{"params": ..., "buffers": ...}`` or shaped like params);
+    arrays are restored directly onto it. Every array's checksum is verified (shard by shard
+    on a mesh).
     """
     return Dictionary(**load_checkpoint(path, sharding=sharding).contents)
 

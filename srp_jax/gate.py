@@ -26,10 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import as_float_array
+from ._display import html_table
 from .decompose import build_query_weights, decompose_query
 from .errors import ConfigError, ShapeError
 
 REASONS = ("ok", "sign_flip", "residual_share", "tiny_margin")
+REASON_TEXT = {
+    "ok": "the sparse reconstruction preserves the score",
+    "sign_flip": "the sparse reconstruction has the wrong sign",
+    "residual_share": "the residual is too large a share of the score",
+    "tiny_margin": "the exact score is too small to explain",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +103,24 @@ class GateResult:
         names = np.asarray(REASONS, dtype=object)[codes]
         return str(names) if codes.ndim == 0 else names
 
+    def counts(self) -> dict[str, int]:
+        """How many verdicts end with each reason (``{"ok": n_passed, "sign_flip": ...}``)."""
+        codes = np.asarray(self.reason).reshape(-1)
+        return {name: int(np.sum(codes == i)) for i, name in enumerate(REASONS) if np.any(codes == i)}
+
+    def __repr__(self) -> str:
+        try:
+            codes = np.asarray(self.reason)
+        except Exception:  # noqa: BLE001 - traced
+            return f"GateResult(shape={tuple(self.reason.shape)})"
+        if codes.ndim == 0:
+            return (
+                f"GateResult(passed={bool(np.asarray(self.passed))}, rho={float(np.asarray(self.rho)):.4g}, "
+                f"sign_match={bool(np.asarray(self.sign_match))}, reason={self.reason_names()!r})"
+            )
+        counts = ", ".join(f"{name} {n}" for name, n in self.counts().items())
+        return f"GateResult(shape={codes.shape}, passed={int(np.sum(np.asarray(self.passed)))}/{codes.size}; {counts})"
+
 
 def fidelity_gate(
     s_exact: Any,
@@ -141,12 +166,13 @@ def fidelity_gate(
     return GateResult(passed=reason == 0, rho=rho, sign_match=sign_match, reason=reason)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Explanation:
     """The result of :func:`explain`.
 
-    Always: ``explained`` (bool), ``reason`` ("ok" or why it was withheld), ``scores`` (exact,
-    approx, base, feature_sum, residual, rho, sign_match, identity_abs_error), ``query``
+    Always: ``explained`` (bool), ``reason`` ("ok" or why it was withheld; ``reason_text`` in
+    words), ``scores`` (exact, approx, base, feature_sum, residual, rho, sign_match,
+    identity_abs_error, n_active_features), ``query``
     (kind, weights, mean_subtract and metadata), ``gate`` (the rule used). ``features``: the
     per-feature rows sorted by |contribution| descending (top ``top_features``) when
     explained, None when withheld.
@@ -162,6 +188,39 @@ class Explanation:
     @property
     def withheld(self) -> bool:
         return not self.explained
+
+    @property
+    def reason_text(self) -> str:
+        """The verdict in words, with the numbers behind it."""
+        s = self.scores
+        if self.reason == "sign_flip":
+            return f"{REASON_TEXT['sign_flip']} (exact {s['exact']:+.4g}, sparse {s['approx']:+.4g})"
+        if self.reason == "residual_share":
+            limit = self.gate.get("max_rho", 0.5)
+            return f"{REASON_TEXT['residual_share']} (rho {s['rho']:.3g}, the gate needs {'<' if self.gate.get('strict', True) else '<='} {limit:g})"
+        if self.reason == "tiny_margin":
+            return f"{REASON_TEXT['tiny_margin']} (|exact| {abs(s['exact']):.3g} < {self.gate.get('min_abs_exact')})"
+        return f"{REASON_TEXT['ok']} (rho {s['rho']:.3g})"
+
+    def __repr__(self) -> str:
+        s = self.scores
+        head = (
+            f"Explanation({'explained' if self.explained else 'withheld'}: {self.query.get('query_kind')}, "
+            f"exact {s['exact']:.4g} = base {s['base']:.4g} + features {s['feature_sum']:.4g} + residual {s['residual']:.4g}"
+        )
+        if self.explained:
+            top = ", ".join(f"#{f['feature_id']} {f['contribution']:+.3g}" for f in (self.features or [])[:3])
+            return head + f"; top: {top})"
+        return head + f"; {self.reason})"
+
+    def _repr_html_(self) -> str:
+        s = self.scores
+        rows = [("verdict", ("explained" if self.explained else "withheld") + f": {self.reason_text}"),
+                ("exact", f"{s['exact']:.5g}"), ("base", f"{s['base']:.5g}"),
+                ("features", f"{s['feature_sum']:.5g}"), ("residual", f"{s['residual']:.5g}")]
+        for f in (self.features or [])[:10]:
+            rows.append((f"feature {f['feature_id']}", f"{f['contribution']:+.4g}"))
+        return html_table(f"Explanation of a {self.query.get('query_kind')} query", rows)
 
 
 def explain(
@@ -212,6 +271,7 @@ def explain(
         "rho": float(verdict.rho),
         "sign_match": bool(verdict.sign_match),
         "identity_abs_error": float(q.identity_abs_error),
+        "n_active_features": q.n_active_features,
     }
     query = {"weights": {int(t): float(w) for t, w in weights.items()}, "mean_subtract": mean_subtract, **meta}
     passed = bool(verdict.passed)
@@ -222,4 +282,4 @@ def explain(
     return Explanation(passed, verdict.reason_names(), scores, query, dataclasses.asdict(rule), features)
 
 
-__all__ = ["GateRule", "GateResult", "PRESETS", "REASONS", "gate_rule", "fidelity_gate", "Explanation", "explain"]
+__all__ = ["GateRule", "GateResult", "PRESETS", "REASONS", "REASON_TEXT", "gate_rule", "fidelity_gate", "Explanation", "explain"]

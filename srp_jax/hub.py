@@ -102,6 +102,16 @@ def _registry_document() -> dict[str, Any]:
     return doc
 
 
+def published_ranges() -> dict[str, tuple[float, float]]:
+    """(min, max) of each headline metric (``rowEV``, ``top1``, ``KL``) over the registry."""
+    out: dict[str, tuple[float, float]] = {}
+    for name in ("rowEV", "top1", "KL"):
+        values = [float(v) for v in (metric(e.metrics, name) for e in registry()) if isinstance(v, (int, float))]
+        if values:
+            out[name] = (min(values), max(values))
+    return out
+
+
 def registry() -> tuple[RegistryEntry, ...]:
     """Every published dictionary, in registry order."""
     fields = {f.name for f in dataclasses.fields(RegistryEntry)}
@@ -267,16 +277,17 @@ def fetch_checkpoint(
             )
 
     url = f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/{entry.hub_file}"
+    # two short lines: what failed, then the easy way out first (the cache layout last)
     manual = (
-        f"download {url} and put it at {cached_file_location(entry, repo, cache, revision)}, "
-        f"or convert the downloaded file directly: srp-jax convert checkpoint.pt OUT_DIR"
+        f"\n  download {url} and run: srp-jax convert checkpoint.pt --out DIR"
+        f" (or put it in the Hub cache: {cached_file_location(entry, repo, cache, revision)})"
     )
     unreachable = None if offline else endpoint_unreachable()
     if unreachable:
         try:
             return _download(True)
         except Exception:  # noqa: BLE001 - no cached copy: say so at once
-            raise HubError(f"{repo}/{entry.hub_file}: no network ({unreachable}) and no cached copy; {manual}") from None
+            raise HubError(f"{entry.path}: not in the Hub cache and no network ({unreachable}){manual}") from None
     try:
         return _download(offline)
     except (hf_errors.GatedRepoError, hf_errors.RepositoryNotFoundError) as exc:
@@ -296,8 +307,8 @@ def fetch_checkpoint(
                 return _download(True)
             except Exception:  # noqa: BLE001 - fall through to the instructions below
                 pass
-        why = "offline mode and no cached copy" if offline else f"download failed ({type(exc).__name__}: {first}) and no cached copy"
-        raise HubError(f"{repo}/{entry.hub_file}: {why}; {manual}") from None
+        why = "offline mode (HF_HUB_OFFLINE)" if offline else f"download failed: {type(exc).__name__}: {first}"
+        raise HubError(f"{entry.path}: not in the Hub cache ({repo}) and {why}{manual}") from None
 
 
 __all__ = [
@@ -313,4 +324,5 @@ __all__ = [
     "verify_entry",
     "canonical_metrics",
     "metric",
+    "published_ranges",
 ]

@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import factorizers as F
-from .compile import compiled
-from ._arrays import as_float_array, check_last_dim
+from . import sharding as SH
+from .compile import DATA, compiled, mesh_axis_size
+from ._arrays import as_float_array, as_host_float_array, check_last_dim, is_spread
 from .config import EvaluationConfig, resolve_eval_k
 from .dictionary import inference_view
 from .errors import ConfigError, ShapeError
@@ -356,20 +357,47 @@ def metrics_to_jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _chunked_map(fn, arrays, n: int, chunk: int):
-    """Inside jit: run ``fn(*chunk_arrays, valid)`` over consecutive ``chunk``-row blocks with
-    ``lax.map`` (a loop, so memory is one block). ``fn`` returns (per-row tree, per-block tree);
-    per-row outputs come back as (n, ...) rows, per-block outputs summed over blocks."""
+    """Inside jit: run ``fn(*chunk_arrays, valid)`` over ``chunk``-row blocks with ``lax.map``
+    (a loop, so memory is one block). ``fn`` returns (per-row tree, per-block tree); per-row
+    outputs come back as (n, ...) rows, per-block outputs summed over blocks.
+
+    Blocks are consecutive rows; on a mesh whose ``data`` axis splits the rows (and divides
+    ``chunk``), block i holds rows i, i + n_blocks, ... instead, so every block is spread over
+    the devices holding the rows and the loop never gathers the rows onto one device."""
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
     if n_chunks == 1:  # no loop needed (cheaper to compile)
         rows, blocks = fn(*[jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays], jnp.arange(chunk) < n)
         return jax.tree.map(lambda y: y[:n], rows), blocks
+    parts = mesh_axis_size(DATA)
+    if parts > 1 and chunk % parts == 0:
+        return _strided_chunked_map(fn, arrays, n, chunk, n_chunks)
     stacked = [
         jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(n_chunks, chunk, *a.shape[1:]) for a in arrays
     ]
     valid = (jnp.arange(n_chunks * chunk) < n).reshape(n_chunks, chunk)
     rows, blocks = jax.lax.map(lambda args: fn(*args[0], args[1]), (stacked, valid))
     rows = jax.tree.map(lambda y: y.reshape(n_chunks * chunk, *y.shape[2:])[:n], rows)
+    blocks = jax.tree.map(lambda y: jnp.sum(y, axis=0), blocks)
+    return rows, blocks
+
+
+def _strided_chunked_map(fn, arrays, n: int, chunk: int, n_chunks: int):
+    """:func:`_chunked_map` with block i = rows {i + n_chunks * j}: the (chunk, n_chunks)
+    view of the rows keeps the mesh's row split on its first axis, so each block is sharded."""
+    from jax.sharding import PartitionSpec as P
+
+    pad = n_chunks * chunk - n
+
+    def blocks_of(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(chunk, n_chunks, *a.shape[1:])
+        a = jnp.swapaxes(a, 0, 1)  # (n_chunks, chunk, ...): block i, row j = original j * n_chunks + i
+        return jax.lax.with_sharding_constraint(a, P(None, DATA, *([None] * (a.ndim - 2))))
+
+    stacked = [blocks_of(a) for a in arrays]
+    valid = blocks_of(jnp.arange(n_chunks * chunk - pad) < n)
+    rows, blocks = jax.lax.map(lambda args: fn(*args[0], args[1]), (stacked, valid))
+    rows = jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(n_chunks * chunk, *y.shape[2:])[:n], rows)
     blocks = jax.tree.map(lambda y: jnp.sum(y, axis=0), blocks)
     return rows, blocks
 
@@ -478,7 +506,10 @@ def _evaluate_core(
         return {"pos_cov": pos, "abs_cov": absc, "identity_err": err}, {}
 
     cov, _ = _chunked_map(contrib_body, [H, W[t], X[t], A[t]], N, hb)
-    return {**rows, **stats, **cov, "usage": usage}
+    out = {**rows, **stats, **cov, "usage": usage}
+    if not jax.sharding.get_abstract_mesh().empty:  # small results: every process gets them all
+        out = jax.tree.map(lambda y: jax.lax.with_sharding_constraint(y, jax.sharding.PartitionSpec()), out)
+    return out
 
 
 # ============================================================================================
@@ -510,6 +541,27 @@ def _evaluation_config(evaluation: Any, dictionary) -> EvaluationConfig:
     return EvaluationConfig.from_dict(block, strict=False)
 
 
+def _input(x: Any, name: str, ndim: int) -> Any:
+    """A checked input: kept where it is when already spread over a mesh, else host NumPy."""
+    return as_float_array(x, name=name, ndim=ndim) if is_spread(x) else as_host_float_array(x, name=name, ndim=ndim)
+
+
+def _place_inputs(W, X, A, mu, H):
+    """Inputs -> device arrays: on the default device, or, inside ``jax.set_mesh``, on the mesh
+    with the vocabulary rows split over ``data`` (when they divide evenly; else replicated) and
+    the rest replicated, placed shard by shard (no full copy on one device)."""
+    mesh = jax.sharding.get_mesh()
+    if mesh is None or getattr(mesh, "empty", True) or mesh.devices.size == 1:
+        return tuple(jnp.asarray(a) for a in (W, X, A, mu, H))
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    parts = int(mesh.shape[DATA]) if DATA in mesh.axis_names else 1
+    row_axis = DATA if parts > 1 and W.shape[0] % parts == 0 else None
+    rows2, rows1 = NamedSharding(mesh, P(row_axis, None)), NamedSharding(mesh, P(row_axis))
+    rep = NamedSharding(mesh, P())
+    return SH.place(W, rows2), SH.place(X, rows2), SH.place(A, rows1), SH.place(mu, rep), SH.place(H, rep)
+
+
 def _f32_mean(values: np.ndarray) -> float:
     return float(np.mean(np.asarray(values, dtype=np.float32), dtype=np.float32))
 
@@ -525,7 +577,8 @@ def evaluate(
     thresholds: Mapping[str, Any] | None = None,
     row_batch: int = 1024,
     hidden_batch: int = 128,
-) -> dict[str, Any]:
+    per_item: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluate ``dictionary`` on ``readout`` rows and held-out ``hidden`` states (N, d).
 
     ``readout``: a :class:`srp_jax.readout.Readout` or any object / mapping with ``W_U`` (V, d),
@@ -546,6 +599,10 @@ def evaluate(
     Returns Python floats / ints / bools; NaN only where the reference gives NaN (then
     ``finite_metrics`` is False and ``selection_score`` is −1e9; ``metrics_to_jsonable`` maps
     NaN to None). ``row_batch`` / ``hidden_batch`` set the jitted chunk sizes (memory only).
+
+    ``per_item=True`` returns ``(metrics, items)``: the per-hidden-state values behind the
+    means (``kl_bits``, ``top1_match``, and in full mode ``frontier_pass``; (n_hidden,)) and
+    the per-row terms of rowEV (``row_res_sq``, ``row_x_sq``; (n_rows,)), for bootstraps.
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -561,10 +618,10 @@ def evaluate(
             if not (math.isfinite(cap) and cap > 0):
                 raise ConfigError(f"softcap must be a positive number, got {cap!r}")
     d = dictionary.d_model
-    W = as_float_array(fields["W_U"], name="readout.W_U", ndim=2)
-    X = as_float_array(fields["rows_normalized"], name="readout.rows_normalized", ndim=2)
-    mu = as_float_array(fields["row_mean"], name="readout.row_mean", ndim=1)
-    A = as_float_array(fields["row_norms"], name="readout.row_norms", ndim=1)
+    W = _input(fields["W_U"], "readout.W_U", 2)
+    X = _input(fields["rows_normalized"], "readout.rows_normalized", 2)
+    mu = _input(fields["row_mean"], "readout.row_mean", 1)
+    A = _input(fields["row_norms"], "readout.row_norms", 1)
     for name, arr in (("readout.W_U", W), ("readout.rows_normalized", X), ("readout.row_mean", mu)):
         check_last_dim(name, arr, d)
     V = int(W.shape[0])
@@ -574,7 +631,7 @@ def evaluate(
         )
     if V == 0:
         raise ShapeError("readout has no rows")
-    H = as_float_array(hidden, name="hidden", ndim=2)
+    H = _input(hidden, "hidden", 2)
     check_last_dim("hidden", H, d)
 
     ev = _evaluation_config(evaluation, dictionary)
@@ -585,8 +642,7 @@ def evaluate(
     n_hidden = min(int(ev.max_eval_hidden or H.shape[0]), H.shape[0])
     if n_hidden == 0:
         raise ShapeError("hidden has no rows to evaluate on")
-    W, X, A = W[:n_rows], X[:n_rows], A[:n_rows]
-    H = H[:n_hidden]
+    W, X, A, mu, H = _place_inputs(W[:n_rows], X[:n_rows], A[:n_rows], mu, H[:n_hidden])
 
     # ---- all array work in one jitted program
     wide = mode == "full"
@@ -643,7 +699,7 @@ def evaluate(
         f"val_top{overlap_k_cfg}_overlap": float(np.mean(overlap)),
         **usage,
         # a diverged dictionary still gets its metrics (finite_metrics False, selection_score -1e9)
-        "duplicate_decoder_frac": duplicate_decoder_frac(dictionary.params["decoder"], threshold=0.9, check_finite=False),
+        "duplicate_decoder_frac": duplicate_decoder_frac(SH.to_host(dictionary.params["decoder"]), threshold=0.9, check_finite=False),
         "identity_abs_error_max": float(np.max(id_err)),
         "identity_abs_error_mean": float(np.mean(id_err, dtype=np.float64 if wide else np.float32)),
     }
@@ -670,7 +726,17 @@ def evaluate(
     if wide:
         metrics["softcap"] = cap
         metrics["eval_mode"] = "full"
-    return metrics
+    if not per_item:
+        return metrics
+    items = {
+        "kl_bits": st["kl_nats"].astype(np.float64) / LN2,
+        "top1_match": st["top1"].astype(bool),
+        "row_res_sq": st["res_sq"].astype(np.float64),
+        "row_x_sq": st["x_sq"].astype(np.float64),
+    }
+    if wide:
+        items["frontier_pass"] = sign_match & (rel <= FRONTIER_TOL)
+    return metrics, items
 
 
 __all__ = [

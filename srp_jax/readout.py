@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import as_float_array, as_index_array, check_last_dim, to_numpy
+from ._display import html_table, shape_text
 from .compile import compiled
 from .errors import ConfigError, ShapeError
 
@@ -230,6 +231,10 @@ class Readout:
         cap = "" if self.softcap is None else f", softcap={self.softcap:g}"
         dtype = getattr(self.W_U, "dtype", "?")
         return f"Readout(rows={self.vocab_size}, d_model={self.d_model}, dtype={dtype}{cap})"
+
+    def _repr_html_(self) -> str:
+        rows = [("rows", self.vocab_size), ("d_model", self.d_model), ("W_U", shape_text(self.W_U)), ("softcap", self.softcap)]
+        return html_table("srp-jax Readout", rows)
 
 
 ROW_NORM_RTOL = 1e-3  # float32 recomputation of a stored norm agrees far closer than this

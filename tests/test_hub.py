@@ -109,7 +109,11 @@ def test_fetch_without_a_cached_copy_says_what_to_download(offline):
         hub.fetch_checkpoint("qwen3.5-2b/k256_32x")
     msg = str(info.value)
     assert "qwen3.5-2b/k256_32x/checkpoint.pt" in msg and str(offline) in msg and "refs/main" in msg
-    assert "https://huggingface.co/matteohe/sparse-readout-prism/resolve/main/" in msg and "\n" not in msg
+    assert "https://huggingface.co/matteohe/sparse-readout-prism/resolve/main/" in msg
+    # two lines: what failed, then the easy alternative (convert a downloaded file) before the cache layout
+    what, fix = msg.split("\n")
+    assert what.startswith("qwen3.5-2b/k256_32x: not in the Hub cache") and len(what) < 120
+    assert fix.index("srp-jax convert checkpoint.pt --out DIR") < fix.index("refs/main")
 
 
 def test_load_factorizer_hub_spec(offline, monkeypatch):
@@ -162,7 +166,7 @@ def test_cli_hub_list_and_fetch(offline, tmp_path, capsys, monkeypatch):
     assert "already exists" in capsys.readouterr().err
     assert main(["hub", "fetch", "qwen3.5-2b/k256_32x", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "checkpoint.pt" in err and not (tmp_path / "x").exists()
+    assert len(err.strip().splitlines()) == 2 and "checkpoint.pt" in err and not (tmp_path / "x").exists()  # what + how to fix
     assert main(["convert", "hub:qwen3.5-0.8b/k128_16x", str(tmp_path / "conv")]) == 0
     assert load_dictionary(tmp_path / "conv").d_features == 256
 
@@ -184,7 +188,7 @@ def test_unresolvable_endpoint_fails_fast_without_retries(monkeypatch, tmp_path)
     start = time.monotonic()
     with pytest.raises(HubError, match=r"no network \(srp-jax-test\.invalid does not resolve") as info:
         hub.fetch_checkpoint("qwen3.5-2b/k256_32x", cache_dir=cache)
-    assert time.monotonic() - start < 10 and "\n" not in str(info.value) and str(cache) in str(info.value)
+    assert time.monotonic() - start < 10 and str(info.value).count("\n") == 1 and str(cache) in str(info.value)
     target = make_cache(cache)
     assert hub.fetch_checkpoint("qwen3.5-0.8b/k128_16x", cache_dir=cache).resolve() == target.resolve()
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # a proxy resolves names for us

@@ -126,7 +126,8 @@ def test_import_graph_is_acyclic():
 
 def test_layering_one_way():
     """The layers the architecture doc describes: config near the bottom (it only knows the
-    architecture registry), checkpoint below dictionary, torch only in convert/pt_io.py."""
+    architecture registry), checkpoint below dictionary, torch only in convert/pt_io.py (checkpoint
+files) and srp_jax/extract.py (running a model, the extract extra, reached from the CLI only)."""
     graph = import_graph()
 
     def reaches(src: str, dst: str) -> bool:
@@ -147,8 +148,20 @@ def test_layering_one_way():
     assert reaches("srp_jax.dictionary", "srp_jax.checkpoint")
     for module in ("srp_jax.readout", "srp_jax.factorizers", "srp_jax.data", "srp_jax.metrics"):
         assert not reaches(module, "srp_jax.train"), module
-    torch_importers = [m for m, p in _modules().items() if "import torch" in p.read_text(encoding="utf-8")]
-    assert torch_importers == ["convert.pt_io"], torch_importers
+    def imports_torch(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+                return True
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "torch":
+                return True
+        return False
+
+    # torch reads and writes .pt files (convert/pt_io.py) and runs a model for the extract extra
+    # (srp_jax/extract.py, reached only from the CLI); nothing else imports it
+    torch_importers = sorted(m for m, p in _modules().items() if imports_torch(p))
+    assert torch_importers == ["convert.pt_io", "srp_jax.extract"], torch_importers
+    importers_of_extract = sorted(m for m in graph if "srp_jax.extract" in graph[m])
+    assert all(m.startswith("srp_jax.cli.") for m in importers_of_extract), importers_of_extract
 
 
 def test_the_cycle_finder_finds_cycles():

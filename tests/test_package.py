@@ -21,6 +21,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_import_never_imports_torch():
     r = _python(
         "import sys, srp_jax, srp_jax.cli.main, srp_jax.metrics, srp_jax.train, srp_jax.checkpoint, srp_jax.hub\n"
+        "import srp_jax.sources, srp_jax.corpus, srp_jax.verify, srp_jax.tokens, srp_jax.extract\n"
+        "assert 'transformers' not in sys.modules and 'gguf' not in sys.modules\n"
         "srp_jax.cli.main.build_parser()\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
         "print('clean')"
@@ -42,12 +44,21 @@ def test_pt_without_torch_names_the_convert_extra():
     assert "ERR" in r.stdout and "srp-jax[convert]" in r.stdout and "torch==2.13.0" in r.stdout
 
 
+def test_extract_without_transformers_names_the_extract_extra():
+    r = _python(
+        "import sys; sys.modules['transformers'] = None\n"
+        "from srp_jax.cli.main import main\n"
+        "sys.exit(main(['extract', '--model', 'org/name', '--out', 'never-written']))\n"
+    )
+    assert r.returncode == 2 and "srp-jax[extract]" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_cli_help_and_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in ("demo", "train", "convert", "hub"):
+    for name in ("demo", "train", "convert", "hub", "extract", "verify", "explain"):
         assert name in out
     code = main(["train", "--config", str(tmp_path / "missing.yaml"), "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -74,3 +85,21 @@ def test_reference_public_names_exist():
     missing = sorted(n for n in names if not hasattr(srp_jax, n))
     assert not missing, missing
     assert set(srp_jax.__all__) >= names - {"__version__"}
+
+
+def test_help_imports_neither_jax_nor_numpy():
+    """``srp-jax --help`` (and every subcommand's) stays fast: no jax, numpy or torch on its path."""
+    code = (
+        "import sys\n"
+        "from srp_jax.cli.main import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['hub', 'fetch', '--help'], ['demo', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, argv\n"
+        "heavy = sorted(m for m in ('jax', 'numpy', 'torch', 'flax', 'orbax') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: srp-jax" in proc.stdout

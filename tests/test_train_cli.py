@@ -73,16 +73,20 @@ def test_smoke_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", "smoke", "--out-dir", str(out)]) == 0
     assert "[skip]" in capsys.readouterr().err
 
-    # the README's first command, `srp-jax demo`, on this finished run: metrics, one
-    # decomposition with its identity, one gated margin
-    assert main(["demo", "--out-dir", str(out)]) == 0
+    # the README's first command, `srp-jax demo`, on this finished run: the metrics and what
+    # they mean, one explained logit (its identity holds), one withheld margin, the outputs
+    assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"rowEV                  {m['row_centered_ev']:.4f}" in printed
-    line = next(ln for ln in printed.splitlines() if "= base" in ln)
-    exact, base, feats, resid = (float(line.split(tok)[0].split()[-1]) for tok in (" = base", " + features", " + residual", "   (identity"))
+    assert f"rowEV              {m['row_centered_ev']:.3f}" in printed and "published:" in printed
+    line = next(ln for ln in printed.splitlines() if "exact logit" in ln)
+    numbers = [float(tok) for tok in line.replace("(h . mean row)", "").split() if tok.lstrip("+-").replace(".", "").isdigit()]
+    exact, base, feats, resid = numbers
     assert abs(exact - (base + feats + resid)) <= 2e-4  # 4-decimal printing
-    assert "active features; largest |contribution|" in printed and "margin token" in printed
-    assert ("-> explained" in printed) or ("-> withheld" in printed)
+    explained, withheld = printed.split("An explained logit", 1)[1].split("A withheld explanation", 1)
+    assert "gate: explained - " in explained and explained.count("    feature ") == 5
+    assert "gate: withheld - " in withheld and "no feature explanation is shown" in withheld
+    assert "    feature " not in withheld.split("Outputs in", 1)[0]
+    assert f"checkpoint.pt        the same dictionary" in printed and "Next:" in printed
 
     # a finished run asked for --export-pt again writes the .pt from its checkpoint/
     (out / "checkpoint.pt").unlink()
@@ -138,3 +142,16 @@ def test_run_report_failure_notes():
     notes = edge.split("## Failure notes", 1)[1].split("## Config", 1)[0]
     assert notes.count("\n- ") == 1 and "not finite" in notes  # the thresholds are strict
 
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--config", "smoke", "--data-path", str(tmp_path / "missing.npz"),
+                 "--set", "data.fallback=error", "--out", str(out)]) == 2
+    assert "missing.npz" in capsys.readouterr().err and not out.exists()
+    bad = tmp_path / "bad.npz"
+    import numpy as np
+
+    np.savez(bad, W_U=np.ones((4, 3), np.float32), h_LN=np.ones((2, 5), np.float32))  # d 3 vs 5
+    assert main(["train", "--config", "smoke", "--data-path", str(bad), "--out", str(out)]) == 2
+    assert "does not match" in capsys.readouterr().err and not out.exists()

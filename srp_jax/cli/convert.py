@@ -25,15 +25,17 @@ tensor bits. Output is written atomically; an existing DST is refused unless --f
 Needs the 'convert' extra (PyTorch): pip install 'srp-jax[convert]'.
 
 examples:
-  srp-jax convert runs/smoke/checkpoint.pt runs/smoke/srp
-  srp-jax convert hub:qwen3.5-2b/k256_32x dicts/qwen2b-k256
-  srp-jax convert dicts/qwen2b-k256 qwen2b-k256.pt
+  srp-jax convert runs/smoke/checkpoint.pt --out runs/smoke/srp
+  srp-jax convert hub:qwen3.5-2b/k256_32x --out dicts/qwen2b-k256
+  srp-jax convert dicts/qwen2b-k256 --out qwen2b-k256.pt      (a positional DST works too)
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint.pt, hub:<model>/<op>, or an srp-jax checkpoint directory")
-    parser.add_argument("dst", metavar="DST", help="output: a directory (from .pt / hub) or a .pt file (from a directory)")
+    parser.add_argument("dst", metavar="DST", nargs="?", default=None,
+                        help="output: a directory (from .pt / hub) or a .pt file (from a directory); or give it as --out")
+    parser.add_argument("--out", dest="out", default=None, help="the output (same as DST)")
     parser.add_argument("--force", action="store_true",
                         help="replace DST if it exists (only an srp-jax checkpoint or a file; never the source)")
     parser.add_argument(
@@ -54,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._lazy import require_torch
 
+    if args.dst is not None and args.out is not None and args.dst != args.out:
+        raise CheckpointError(f"two outputs given: DST {args.dst!r} and --out {args.out!r}; give one")
+    args.dst = args.dst if args.dst is not None else args.out
+    if args.dst is None:
+        raise CheckpointError("no output given: srp-jax convert SRC --out DST (a directory from .pt/hub, a .pt from a directory)")
+
     src_text = os.fspath(args.src)
     dst = Path(args.dst)
     if (dst.exists() or dst.is_symlink()) and not args.force:
@@ -71,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     src = Path(src_text)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
+    from ..progress import human_size, stage
+
+    size = src.stat().st_size if src.is_file() else sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    stage("convert", f"{src} ({human_size(size)}) -> {dst}: reading, checking every checksum, writing")
     if src.is_dir():
         require_torch(f"writing {dst}")
         from convert.checkpoints import orbax_to_pt

@@ -26,9 +26,19 @@ the file to download and where to put it. Python: load_factorizer("hub:qwen3.5-2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="hub_command", metavar="ACTION")
-    sp = sub.add_parser("list", help="print the registry of published dictionaries")
+    sp = sub.add_parser(
+        "list", help="print the registry of published dictionaries",
+        description="The 17 published dictionaries: path (<model>/<op>), model, d_model, D, k, download "
+        "size and the published rowEV / top-1 / KL. --json prints every registry field.",
+    )
     sp.add_argument("--json", action="store_true", help="print the full registry as JSON")
-    sp = sub.add_parser("fetch", help="download a dictionary and convert it to an srp-jax checkpoint")
+    sp = sub.add_parser(
+        "fetch", help="download a dictionary and convert it to an srp-jax checkpoint",
+        description="Download <model>/<op>/checkpoint.pt from the Hub (or take it from the Hub cache), check it "
+        "against the registry (architecture, d_model, D, k) and write it as an srp-jax checkpoint at --out.\n\n"
+        "example:\n  srp-jax hub fetch qwen3.5-2b/k256_32x --out dicts/qwen2b-k256",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sp.add_argument("spec", metavar="MODEL/OP", help="e.g. qwen3.5-2b/k256_32x (see `srp-jax hub list`)")
     sp.add_argument("--out", required=True, help="output srp-jax checkpoint directory")
     sp.add_argument("--repo-id", default=None, help="Hub repo id (default $SRP_JAX_HUB_REPO or matteohe/sparse-readout-prism)")
@@ -54,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([e.to_dict() for e in entries], indent=1))
             return 0
-        header = ("path", "model", "d_model", "d_features", "k", "rowEV", "top-1", "KL")
+        header = ("path", "model", "d_model", "d_features", "k", "size", "rowEV", "top-1", "KL")
         rows = [
             (
-                e.path, e.model, str(e.d_model), str(e.d_features), str(e.k),
+                e.path, e.model, str(e.d_model), str(e.d_features), str(e.k), str(e.size or "-"),
                 _fmt(hub.metric(e.metrics, "rowEV")), _fmt(hub.metric(e.metrics, "top1")),
                 _fmt(hub.metric(e.metrics, "KL")),
             )

@@ -23,6 +23,10 @@ SUBCOMMANDS = {
     "train": "train",
     "convert": "convert",
     "hub": "hub",
+    "extract": "extract",
+    "verify": "verify",
+    "explain": "explain",
+    "plan": "plan",
 }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import factorizers as F
 from .._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
+from .._display import fields_repr, html_table, shape_text
 from ..compile import compiled
 from ..dictionary import inference_view
 from ..errors import ConfigError, ShapeError
@@ -45,6 +46,19 @@ class TokenDecompositions:
     feature_contributions: jax.Array
     feature_indices: jax.Array | None = None
     truncated: jax.Array | None = None
+
+    def __repr__(self) -> str:
+        layout = "dense" if self.feature_indices is None else f"sparse[{int(self.feature_indices.shape[-1])}]"
+        return fields_repr("TokenDecompositions", [
+            ("pairs", int(self.original_logit.shape[0])), ("layout", layout),
+            ("feature_contributions", shape_text(self.feature_contributions)),
+        ])  # fmt: skip
+
+    def _repr_html_(self) -> str:
+        return html_table(repr(self).split("(")[0], [(k, v) for k, v in (
+            ("pairs", int(self.original_logit.shape[0])), ("feature_contributions", shape_text(self.feature_contributions)),
+            ("feature_indices", shape_text(self.feature_indices)),
+        )])  # fmt: skip
 
 
 def _sparse_terms(cfg, k, m, params, buffers, h, w_row, row_mean, row_norm, row_normalized):

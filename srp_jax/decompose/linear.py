@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import factorizers as F
 from .._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
+from .._display import fields_repr, html_table, scalar_text, shape_text
 from ..compile import compiled
 from ..config import FactorizerConfig
 from ..dictionary import inference_view
@@ -100,6 +101,21 @@ class QueryDecomposition:
     @property
     def n_active_features(self) -> int:
         return int(self.feature_ids.shape[0])
+
+    def _rows(self) -> list[tuple[str, str]]:
+        return [
+            ("exact_score", scalar_text(self.exact_score)),
+            ("base_term", scalar_text(self.base_term)),
+            ("sparse_feature_sum", scalar_text(self.sparse_feature_sum)),
+            ("residual", scalar_text(self.residual)),
+            ("active features", str(self.n_active_features)),
+        ]
+
+    def __repr__(self) -> str:
+        return fields_repr("QueryDecomposition", [(k.replace(" ", "_"), v) for k, v in self._rows()])
+
+    def _repr_html_(self) -> str:
+        return html_table("score = base + features + residual", self._rows())
 
     def feature_rows(self) -> list[dict[str, Any]]:
         """One dict per active feature in ascending id order (``feature_rank_active`` is the
@@ -249,6 +265,9 @@ class QueryDecompositions:
 
     def __len__(self) -> int:
         return int(self.exact_score.shape[0])
+
+    def __repr__(self) -> str:
+        return fields_repr("QueryDecompositions", [("queries", len(self)), ("contributions", shape_text(self.contributions))])
 
 
 def _padded_queries(queries: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:

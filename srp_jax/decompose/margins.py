@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
+from .._display import fields_repr, scalar_text, shape_text
 from ..compile import compiled
 from ..dictionary import inference_view
 from ..errors import ShapeError
@@ -39,6 +40,12 @@ class MarginDecomposition:
     @property
     def residual_term(self) -> jax.Array:
         return self.resid_term
+
+    def __repr__(self) -> str:
+        return fields_repr("MarginDecomposition", [
+            ("exact", scalar_text(self.exact)), ("sparse", scalar_text(self.sparse)),
+            ("residual", scalar_text(self.residual)), ("feat_margin", shape_text(self.feat_margin)),
+        ])  # fmt: skip
 
 
 def _side_terms(cfg, k, params, buffers, h, W, mu, ids):

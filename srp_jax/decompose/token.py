@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import factorizers as F
 from .._arrays import as_float_array, check_last_dim, static_k
+from .._display import fields_repr, html_table, scalar_text, shape_text
 from ..compile import compiled
 from ..config import FactorizerConfig
 from ..dictionary import inference_view
@@ -52,6 +53,22 @@ class Decomposition:
     reconstructed_logit: jax.Array
     identity_error: jax.Array
     active_feature_indices: jax.Array
+
+    def _rows(self) -> list[tuple[str, str]]:
+        return [
+            ("original_logit", scalar_text(self.original_logit)),
+            ("base_term", scalar_text(self.base_term)),
+            ("feature_sum", scalar_text(self.feature_sum)),
+            ("residual_term", scalar_text(self.residual_term)),
+            ("active features", shape_text(self.active_feature_indices).split("[")[-1].rstrip("]")),
+            ("identity_error", scalar_text(self.identity_error, 2)),
+        ]
+
+    def __repr__(self) -> str:
+        return fields_repr("Decomposition", [(k.replace(" ", "_"), v) for k, v in self._rows()])
+
+    def _repr_html_(self) -> str:
+        return html_table("logit = base + features + residual", self._rows())
 
 
 def token_terms(

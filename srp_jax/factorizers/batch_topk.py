@@ -36,10 +36,8 @@ class BatchTopK(Architecture):
         if n_keep <= 0:
             code, new_buffers = jnp.zeros_like(acts), buffers
         else:
-            flat = acts.reshape(-1)
-            values, indices = jax.lax.top_k(flat, n_keep)
-            code = (flat * jnp.zeros_like(flat).at[indices].set(1.0)).reshape(B, D)
-            cutoff = jax.lax.stop_gradient(jnp.min(values))
+            mask, cutoff = K.batch_topk_mask(acts, n_keep)
+            code = acts * mask
             thr, flag = K.ema_update(
                 buffers["activation_threshold"], buffers["threshold_initialized"], cutoff, cfg.threshold_momentum
             )

@@ -4,7 +4,9 @@ the rectangle straight-through step and the buffer EMA. Pure jnp; no architectur
 Top-k ties: ``jax.lax.top_k`` keeps the **lower feature index** among exactly equal values
 (``torch.topk`` leaves the order implementation-defined; supports can differ only at exact
 ties). Matmuls that decide supports run at ``precision=HIGHEST`` so accelerators reproduce the
-float32 reference.
+float32 reference. Under a mesh whose ``model`` axis shards D, :func:`topk_mask` and
+:func:`batch_topk_mask` take the latent-sharded kernels of :mod:`.sharded_topk` (same
+selection, ties included, without gathering the (B, D) activation).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from . import sharded_topk as S
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NORM_EPS = 1e-8
@@ -57,9 +61,10 @@ def init_encoder_decoder(key: jax.Array, d_features: int, d_model: int, encoder_
 def topk_sparse(acts: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """The ``k`` largest entries per row: ``(values (..., k), indices (..., k))``.
 
-    Ties go to the lower index. ``k`` must satisfy 1 <= k <= acts.shape[-1].
+    Ties go to the lower index. ``k`` must satisfy 1 <= k <= acts.shape[-1]. (Inside
+    :func:`~srp_jax.factorizers.sharded_topk.approximate_topk`: ``approx_max_k``.)
     """
-    return jax.lax.top_k(acts, k)
+    return S.local_top_k(acts, k)
 
 
 def scatter_rows(values: jax.Array, indices: jax.Array, width: int) -> jax.Array:
@@ -83,8 +88,23 @@ def topk_mask(acts: jax.Array, k: int) -> jax.Array:
         return acts
     if kk <= 0:
         return jnp.zeros_like(acts)
+    if S.rows_sharded(acts):  # on a mesh: never gather the (B, D) activation
+        return jnp.where(S.topk_rows_mask(acts, kk), acts, jnp.zeros((), acts.dtype))
     values, indices = topk_sparse(acts, kk)
     return scatter_rows(values, indices, D)
+
+
+def batch_topk_mask(acts: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The ``n`` (1 <= n <= B·D) largest entries of the whole batch ``acts`` (B, D): a float
+    0/1 mask (B, D) and the cutoff (the smallest kept value, no gradient). Ties go to the
+    lower flat index b·D + j (``lax.top_k`` of the flattened batch), on a mesh too."""
+    if S.batch_sharded(acts):
+        mask, cutoff = S.topk_batch_mask(acts, n)
+        return mask.astype(acts.dtype), cutoff
+    flat = acts.reshape(-1)
+    values, indices = topk_sparse(flat, n)
+    mask = jnp.zeros_like(flat).at[indices].set(1.0).reshape(acts.shape)
+    return mask, jax.lax.stop_gradient(jnp.min(values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +190,7 @@ __all__ = [
     "topk_sparse",
     "scatter_rows",
     "topk_mask",
+    "batch_topk_mask",
     "pre_activation",
     "decode",
     "decode_sparse",

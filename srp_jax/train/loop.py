@@ -38,10 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import factorizers as F
+from .. import sharding as SH
 from .._atomic import write_text_atomic
 from .._lazy import require_torch
 from .._validate import expand_path
 from .._version import __version__
+from ..progress import Progress
 from ..checkpoint import save_dictionary
 from ..data import (
     LoadedPayload, build_prism_dataset, data_source, load_payload, payload_files, resolve_data_path, row_sampling_weights,
@@ -51,16 +53,17 @@ from ..metrics import evaluate, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError, DivergenceError, OutputError, ResourceError, RunDirectoryError, SrpError
 from . import rundir as R
-from .compiled import compile_training
+from .compiled import setup_training
 from .resume import StateStore
-from .sampling import TrainData
-from .state import TrainState, init_train_state
+from .state import TrainState
+from .watch import MetricWatchers
 from .step import L0_TRAIN_WINDOW, StepSpec, describe_nonfinite, make_optimizer
 
 STATE_DIR = R.STATE_DIR
 CHECKPOINT_DIR = R.CHECKPOINT_DIR
 FEATURE_LABELS_MAX = 256
 FEATURE_LABELS_TOP = 6
+WATCHED = ("lr", "lambda_prism", "grad_norm", "mean_l0", "dead_fraction", "aux_loss", "auxk_loss")  # beside the history row
 
 
 class TrainingInterrupted(Exception):
@@ -78,49 +81,6 @@ class TrainingInterrupted(Exception):
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-class Progress:
-    """A tiny progress display: a redrawn bar on a TTY, plain log lines otherwise."""
-
-    def __init__(self, total: int, *, stream=None, enabled: bool | None = None, width: int = 24):
-        self.total, self.stream, self.width = max(int(total), 1), stream or sys.stderr, width
-        self.tty = bool(enabled) if enabled is not None else bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0, self.n0, self.last_draw = time.perf_counter(), None, 0.0
-
-    def rate(self, step: int) -> float:
-        if self.n0 is None:
-            return float("nan")
-        dt = time.perf_counter() - self.t0
-        return (step - self.n0) / dt if dt > 0 else float("nan")
-
-    def start(self, step: int) -> None:
-        self.n0, self.t0 = step, time.perf_counter()
-
-    def wants_draw(self) -> bool:
-        return self.tty and time.perf_counter() - self.last_draw >= 0.25
-
-    def draw(self, step: int, loss: float) -> None:
-        frac = min(step / self.total, 1.0)
-        fill = int(round(frac * self.width))
-        bar = "#" * fill + "." * (self.width - fill)
-        self.stream.write(f"\r[train] {step}/{self.total} [{bar}] loss {loss:.4g}  {self.rate(step):.1f} steps/s ")
-        self.stream.flush()
-        self.last_draw = time.perf_counter()
-
-    def log(self, step: int, row: Mapping[str, float]) -> None:
-        if self.tty:
-            return
-        self.stream.write(
-            f"[train] step {step}/{self.total} loss={row['loss']:.6g} rec={row['reconstruction_loss']:.6g} "
-            f"prism={row['prism_loss']:.6g} {self.rate(step):.1f} steps/s\n"
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 @contextlib.contextmanager
@@ -175,11 +135,14 @@ def run_training(
     *,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    mesh: Any = "config",
     extended_from_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) on ``dataset``. Returns ``{state, history, train_seconds, steps_run,
-    mean_l0_train, spec}``. With ``out_dir`` the state is saved under ``out_dir/train_state``
-    (and resumed from its newest intact save). ``extended_from_steps``: the run was recorded
+    mean_l0_train, spec, mesh}``. With ``out_dir`` the state is saved under
+    ``out_dir/train_state`` (and resumed from its newest intact save). ``mesh``: a
+    ``jax.sharding.Mesh``, None (one device) or ``"config"`` (from ``cfg.mesh``, see
+    :func:`srp_jax.sharding.mesh_from_config`). ``extended_from_steps``: the run was recorded
     with that many ``training.steps`` and now continues to ``cfg.training.steps``.
 
     Every step returns a bitmask of the terms that went non-finite; the host reads the masks at
@@ -189,12 +152,19 @@ def run_training(
     tcfg, fcfg = cfg.training, cfg.factorizer
     weights = row_sampling_weights(dataset, tcfg.row_sampling)
     spec = StepSpec.build(fcfg, tcfg, dataset.d_model, dataset.hidden_train.shape[0], dataset.top_targets.shape[1])
-    data = TrainData.from_dataset(dataset, weights, spec.prism_ranks)
     optimizer = make_optimizer(tcfg)  # built once: the step and the state share it
-    fns = compile_training(spec, optimizer)
-
-    def fresh_state() -> TrainState:
-        return init_train_state(cfg.init_seed, fcfg, tcfg, dataset.d_model, optimizer, dataset.rows_normalized, weights)
+    if isinstance(mesh, str):
+        mesh = SH.mesh_from_config(cfg.mesh)
+    setup = setup_training(
+        spec, optimizer, dataset, weights, init_seed=cfg.init_seed, mesh=mesh, approx_recall=cfg.mesh.approx_recall
+    )
+    fns, data = setup.fns, setup.data
+    # XLA:CPU runs several programs' collectives on a shared thread pool: on a multi-device CPU
+    # mesh, letting the next sampler start before the step ends can deadlock (rendezvous stuck)
+    serialize = mesh is not None and mesh.devices.flat[0].platform == "cpu"
+    if mesh is not None:
+        log(f"[mesh] data={SH.mesh_shape(mesh)[0]} model={SH.mesh_shape(mesh)[1]} over {mesh.devices.size} devices, "
+            f"{jax.process_count()} process(es)")
 
     history: list[dict[str, Any]] = []
     elapsed_prev = 0.0
@@ -202,11 +172,12 @@ def run_training(
     state = None
     last_saved: int | None = None
     steps = tcfg.steps
+    watchers = None
     try:
         if out_dir is not None:
             out_dir = Path(out_dir)
             store = StateStore(out_dir / STATE_DIR, aside_root=out_dir / R.PREVIOUS_DIR, log=log).open()
-            restored = store.restore(jax.eval_shape(fresh_state))
+            restored = store.restore(setup.abstract)
             if restored is not None:
                 state, extra, last_saved = restored
                 history = list(extra.get("history", []))
@@ -215,9 +186,14 @@ def run_training(
                 if extended_from_steps is not None:
                     state = _extend_l0_window(state, extended_from_steps, steps, log)
         if state is None:
-            state = fresh_state()
+            state = setup.init()
         start = int(state.step)
         progress = progress or Progress(steps)
+        watchers = MetricWatchers(  # process 0 only: one event stream per run
+            None if out_dir is None else Path(out_dir), tensorboard=cfg.artifacts.tensorboard and SH.is_primary(),
+            wandb_project=cfg.artifacts.wandb_project if SH.is_primary() else None, run_name=cfg.run.name,
+            config=cfg.to_dict(),
+        )
         t_start = time.perf_counter()
         pending: list[tuple[int, Any]] = []  # (step, device nonfinite mask) not yet read
 
@@ -227,7 +203,7 @@ def run_training(
         def check_finite() -> None:
             if not pending:
                 return
-            masks = jax.device_get([mask for _, mask in pending])
+            masks = jax.device_get([SH.to_host(mask) for _, mask in pending])
             for (at, _), mask in zip(pending, masks):
                 if int(mask):
                     raise _diverged(at, int(mask), last_saved, out_dir, cfg)
@@ -244,6 +220,11 @@ def run_training(
             for step in range(start + 1, steps + 1):
                 batch = fns.sample(data, state.rng, state.step + 1)
                 state, metrics = fns.step(state, batch)
+                if serialize:
+                    jax.block_until_ready(state)
+                if step == start + 1:  # the first step carries the compilation: time it apart
+                    jax.block_until_ready(metrics["loss"])
+                    progress.first_done(step)
                 pending.append((step, metrics["nonfinite"]))
                 if step == 1 or step % tcfg.log_every == 0 or step == steps:
                     check_finite()
@@ -255,23 +236,28 @@ def run_training(
                     }
                     history.append(row)
                     progress.log(step, row)
+                    if watchers.active:
+                        watchers.scalars(step, {**row, **{k: float(metrics[k]) for k in WATCHED if k in metrics}})
                 if progress.wants_draw():
                     progress.draw(step, float(metrics["loss"]))
                 if store is not None and (
                     (tcfg.checkpoint_every > 0 and step % tcfg.checkpoint_every == 0) or step == steps
                 ):
                     save()
-                if caught:
+                if SH.any_process(bool(caught)):  # multi-host: every process stops at this step
                     if store is not None:
                         save()
                         store.wait()
                     progress.close()
-                    raise TrainingInterrupted(caught[0], step, out_dir if out_dir else Path("."))
+                    signum = caught[0] if caught else signal.SIGTERM  # a peer was signalled
+                    raise TrainingInterrupted(signum, step, out_dir if out_dir else Path("."))
             check_finite()
-            if caught and store is not None:  # a signal during the last step / before the loop
+            if SH.any_process(bool(caught)) and store is not None:  # a signal during the last step
                 save()
         jax.block_until_ready(state.params)
     finally:
+        if watchers is not None:
+            watchers.close()
         if store is not None:
             store.close()
     progress.close()
@@ -283,8 +269,10 @@ def run_training(
         "train_seconds": train_seconds,
         "steps_run": max(0, steps - start),
         "mean_l0_train": float(state.l0_sum) / count if count > 0 else float("nan"),
+        "compile_seconds": progress.compile_seconds,
         "spec": spec,
         "sample_weights": weights,
+        "mesh": mesh,
     }
 
 
@@ -402,6 +390,9 @@ def train(
     :class:`~srp_jax.errors.RunDirectoryError` when the directory refuses the run.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    primary = SH.is_primary()
+    if not primary:  # process 0 logs for the run
+        log, progress = (lambda msg: None), Progress(1, stream=open(os.devnull, "w"), enabled=False)
     if isinstance(config, RunConfig):
         cfg = config if not (overrides or out_dir is not None or data_path) else load_run_config(
             config.to_dict(), overrides, out_dir=None if out_dir is None else str(out_dir), data_path=data_path
@@ -413,18 +404,23 @@ def train(
     want_pt = cfg.artifacts.export_pt if export_pt is None else bool(export_pt)
     if want_pt:
         require_torch("artifacts.export_pt / --export-pt")
-    # Read-only checks first: a refused directory is left exactly as it was.
-    manifest = (R.Manifest.load_if_intact(out) if restart else R.Manifest.load(out)) if out.is_dir() else None
-    movable = R.RUN_NAMES if restart else ()
-    if restart and manifest is not None and manifest.report:  # a report the old run kept in the directory
-        movable += (Path(manifest.report["path"]).name,) if Path(manifest.report["path"]).parent == out.absolute() else ()
-    R.check_ownership(out, None if restart else manifest, force=force, movable=movable)
-    _check_report_target(report, manifest)  # --restart moves a report the old run wrote
-    data_source(cfg)  # a missing payload or an unset variable fails here, before the directory is made
-    created = not out.exists()
-    R.make_run_dir(out)
-    lock = R.RunLock(out)
-    lock.acquire()
+    data_source(cfg)  # a missing payload or an unset variable fails here, on every process
+    # Process 0 keeps the run directory's contract (the others share the directory, read only).
+    lock, created = None, False
+    with _agreed("the run directory"):
+        if primary:
+            # Read-only checks first: a refused directory is left exactly as it was.
+            manifest = (R.Manifest.load_if_intact(out) if restart else R.Manifest.load(out)) if out.is_dir() else None
+            movable = R.RUN_NAMES if restart else ()
+            if restart and manifest is not None and manifest.report:  # a report the old run kept here
+                where = Path(manifest.report["path"])
+                movable += (where.name,) if where.parent == out.absolute() else ()
+            R.check_ownership(out, None if restart else manifest, force=force, movable=movable)
+            _check_report_target(report, manifest)  # --restart moves a report the old run wrote
+            created = not out.exists()
+            R.make_run_dir(out)
+            lock = R.RunLock(out)
+            lock.acquire()
     try:
         return _train_locked(cfg, out, report, want_pt, progress, log, force=force, restart=restart,
                              extend_steps=extend_steps)
@@ -436,11 +432,59 @@ def train(
                 out.rmdir()
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
+def _agreed(what: str):
+    """Run a block that only some processes may fail in (process 0's run-directory checks);
+    every process leaves it together: all raise when any did (a single process: as is)."""
+    failure: BaseException | None = None
+    try:
+        yield
+    except SrpError as exc:
+        failure = exc
+    if SH.any_process(failure is not None):
+        if failure is not None:
+            raise failure
+        raise RunDirectoryError(f"process 0 refused {what} (its message says why)")
 
 
 def _train_locked(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool, progress, log, *,
                   force: bool, restart: bool, extend_steps: bool) -> dict[str, Any]:
+    """Process 0 checks the manifest and decides (skip / resume / refuse); the others follow."""
+    if not SH.is_primary():
+        with _agreed("the run"):
+            pass
+        if SH.any_process(False):  # process 0 skips a finished run
+            return _finished_metrics(out)
+        loaded = load_payload(cfg, cfg.run.seed)
+        extension = None
+        if SH.any_process(False):  # process 0 extends training.steps: its manifest (saved) says from what
+            extension = (R.Manifest.load(out) or R.Manifest(config={})).extensions[-1]
+        return _train_and_write(cfg, out, report, want_pt, progress, log, loaded, None, extension)
+    with _agreed("the run"):
+        decision = _decide(cfg, out, report, want_pt, log, force=force, restart=restart, extend_steps=extend_steps)
+    skip = SH.any_process(decision[0] == "skip")
+    if skip:
+        return decision[1]
+    _, loaded, manifest, extension = decision
+    SH.any_process(extension is not None)  # keeps the processes' collectives in step
+    return _train_and_write(cfg, out, report, want_pt, progress, log, loaded, manifest, extension)
+
+
+def _finished_metrics(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _decide(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool, log, *, force: bool, restart: bool,
+            extend_steps: bool):
+    """``("skip", metrics)`` or ``("train", loaded payload, manifest, extension)``; raises when
+    the run directory refuses the run."""
     manifest = R.Manifest.load_if_intact(out) if restart else R.Manifest.load(out)  # again, under the lock
     if restart:
         moved = R.move_previous_run(out, manifest)
@@ -460,13 +504,13 @@ def _train_locked(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool,
             str(path), tuple(payload_files(path))
         )  # the cheap check: the payload files the manifest recorded, unchanged
         if cached is not None and same_files:
-            return _skip(out, cached, manifest, want_pt, log)
+            return "skip", _skip(out, cached, manifest, want_pt, log)
         loaded = load_payload(cfg, cfg.run.seed)
         _check_same_data(out, manifest, loaded)
         if cached is not None:
             manifest.data = R.data_record(loaded.source, loaded.fingerprint, loaded.files)
             manifest.save(out)
-            return _skip(out, cached, manifest, want_pt, log)
+            return "skip", _skip(out, cached, manifest, want_pt, log)
     else:
         loaded = load_payload(cfg, cfg.run.seed)
         if manifest is not None:
@@ -485,13 +529,18 @@ def _train_locked(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool,
         (out / R.DONE_FILE).unlink()  # no run is marked done while it trains
         manifest.outputs.pop(R.DONE_FILE, None)
     manifest.save(out)
+    return "train", loaded, manifest, extension
+
+
+def _train_and_write(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool, progress, log,
+                     loaded: LoadedPayload, manifest: R.Manifest | None, extension: dict[str, int] | None):
     with _device_errors(cfg, loaded):
         dataset = build_prism_dataset(cfg, loaded, cfg.run.seed)
         result = run_training(
             cfg, dataset, out, progress=progress, log=log,
             extended_from_steps=None if extension is None else extension["from_steps"],
         )
-        return _write_outputs(cfg, out, report, want_pt, dataset, result, manifest, log)
+        return _finish(cfg, out, report, want_pt, dataset, result, manifest, log)
 
 
 def _allowed_change(out: Path, diffs: list, cfg: RunConfig, extend_steps: bool) -> dict[str, int] | None:
@@ -623,15 +672,17 @@ def _device_errors(cfg: RunConfig, loaded: LoadedPayload):
         raise ResourceError(f"out of device memory ({first}) with {_sizes(cfg, d_model)}; reduce them") from None
 
 
-def _write_outputs(cfg, out, report, want_pt, dataset, result, manifest: R.Manifest, log) -> dict[str, Any]:
+def _finish(cfg, out, report, want_pt, dataset, result, manifest: R.Manifest | None, log) -> dict[str, Any]:
+    """Evaluate the trained state and (process 0) write the run files."""
     state: TrainState = result["state"]
+
     raw = cfg.to_dict()
     raw.setdefault("run", {})
     raw["run"] = {**(raw.get("run") or {}), "output_dir": str(out)}
     dictionary = Dictionary(
         config=cfg.factorizer,
-        params=jax.device_get(state.params),
-        buffers=jax.device_get(state.buffers),
+        params=SH.to_host(state.params),
+        buffers=SH.to_host(state.buffers),
         d_model=dataset.d_model,
         **dataset.readout().stats(),
         evaluation=dict(raw.get("evaluation") or {}),
@@ -641,9 +692,15 @@ def _write_outputs(cfg, out, report, want_pt, dataset, result, manifest: R.Manif
         "max_dead_feature_rate": cfg.score_thresholds.max_dead_feature_rate,
         "max_val_logit_kl_bits_mean": cfg.score_thresholds.max_val_logit_kl_bits_mean,
     }
-    metrics = dict(
-        evaluate(dictionary, dataset.readout(), dataset.hidden_val, evaluation=cfg.evaluation, mode="reference", thresholds=thresholds)
-    )
+    mesh = result["mesh"]  # on a mesh, evaluation runs there too (params as trained, rows split)
+    on_mesh = dictionary if mesh is None else dictionary.replace(params=state.params, buffers=state.buffers)
+    t_eval = time.perf_counter()
+    with SH.mesh_context(mesh):
+        metrics = dict(
+            evaluate(on_mesh, dataset.readout(), dataset.hidden_val, evaluation=cfg.evaluation, mode="reference", thresholds=thresholds)
+        )
+    log(f"[evaluate] {metrics['eval_rows']} rows x {metrics['eval_hidden']} held-out hidden states "
+        f"in {time.perf_counter() - t_eval:.1f} s")
     ctrl_on = result["spec"].controller_on
     device = jax.devices()[0]
     commit = _git_commit()
@@ -685,12 +742,34 @@ def _write_outputs(cfg, out, report, want_pt, dataset, result, manifest: R.Manif
         "package_version": _package_version(),
         "git_commit": commit,
     }
+    primary = SH.is_primary()
+    if primary:
+        _write_run_files(out, cfg, raw, dictionary, dataset, metrics, compute_meta, result["history"], want_pt, log,
+                         report=report, manifest=manifest)
+    SH.sync_processes("srp-jax train: run files written")
+    log(
+        "[result] "
+        + " ".join(
+            f"{key}={_fmt(metrics.get(key))}"
+            for key in ("selection_score", "row_centered_ev", "val_top1_match", "val_logit_kl_bits_mean",
+                        "dead_feature_rate", "rare_feature_rate", "train_seconds")
+        )  # fmt: skip
+    )
+    if primary:
+        log(run_summary(out, metrics, steps_run=result["steps_run"], compile_seconds=result.get("compile_seconds")))
+    return metrics
+
+def _write_run_files(out, cfg, raw, dictionary, dataset, metrics, compute_meta, history, want_pt, log, *,
+                     report: Path | None, manifest: R.Manifest) -> None:
+    """Process 0's outputs of a finished run (``DONE`` last), each recorded in the manifest:
+    pending before it is written (from then on the name is this run's, even if killed
+    mid-write), then its size, mtime and sha256."""
     import yaml
 
     usage = _usage_counts(dictionary, dataset, cfg.evaluation)
     files = ["compute_meta.json", "config.yaml", "metrics.json", "history.json", "feature_labels.json"]
     written = files + ([CHECKPOINT_DIR] if cfg.artifacts.save_checkpoint else []) + (["checkpoint.pt"] if want_pt else [])
-    for name in (*written, R.DONE_FILE):  # from here on these names are this run's, even if killed mid-write
+    for name in (*written, R.DONE_FILE):
         manifest.outputs[name] = {"pending": True}
     if report is not None:
         manifest.report = {"path": str(report.absolute()), "pending": True}
@@ -699,7 +778,7 @@ def _write_outputs(cfg, out, report, want_pt, dataset, result, manifest: R.Manif
     write_json_atomic(out / "compute_meta.json", compute_meta)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "history.json", {"history": result["history"]})
+    write_json_atomic(out / "history.json", {"history": history})
     write_json_atomic(out / "feature_labels.json", feature_labels(dictionary, dataset, usage))
     if cfg.artifacts.save_checkpoint:
         save_dictionary(dictionary, out / CHECKPOINT_DIR, force=True)
@@ -717,15 +796,37 @@ def _write_outputs(cfg, out, report, want_pt, dataset, result, manifest: R.Manif
     write_text_atomic(out / R.DONE_FILE, "done\n")
     manifest.outputs[R.DONE_FILE] = R.file_record(out / R.DONE_FILE)
     manifest.save(out)
-    log(
-        "[result] "
-        + " ".join(
-            f"{key}={_fmt(metrics.get(key))}"
-            for key in ("selection_score", "row_centered_ev", "val_top1_match", "val_logit_kl_bits_mean",
-                        "dead_feature_rate", "rare_feature_rate", "train_seconds")
-        )  # fmt: skip
-    )
-    return metrics
+
+
+SUMMARY_ROWS = (
+    ("rowEV", "row_centered_ev", "rowEV", "share of the centred W_U rows' energy the sparse codes reconstruct (1 = exact)"),
+    ("top-1", "val_top1_match", "top1", "how often the reconstructed readout picks the model's own top-1 token"),
+    ("KL", "val_logit_kl_bits_mean", "KL", "bits between the real and the reconstructed next-token distributions"),
+)
+
+
+def run_summary(out: Path, metrics: Mapping[str, Any], *, steps_run: int | None = None,
+                compile_seconds: float | None = None) -> str:
+    """The closing summary of a run: where it is, its headline metrics and what they mean."""
+    from ..hub import published_ranges
+
+    pub = published_ranges()
+    took = f"{metrics.get('train_seconds', float('nan')):.1f} s of training"
+    if compile_seconds is not None and math.isfinite(compile_seconds):
+        took += f" (first step incl. compile {compile_seconds:.1f} s)"
+    lines = [f"[done] {out}: {'' if steps_run is None else f'{steps_run} steps, '}{took}"]
+    for label, key, pub_key, meaning in SUMMARY_ROWS:
+        value = metrics.get(key)
+        text = "n/a" if not isinstance(value, (int, float)) else f"{value:.3f}"
+        lo, hi = pub.get(pub_key, (float("nan"), float("nan")))
+        lines.append(f"  {label:<6} {text:>6}  {meaning} (published dictionaries: {lo:.2f}-{hi:.2f})")
+    dead = metrics.get("dead_feature_rate")
+    if isinstance(dead, (int, float)):
+        lines.append(f"  {dead:.1%} of features never fire on the evaluated rows; mean L0 {metrics.get('mean_l0', float('nan')):.1f}")
+    if metrics.get("finite_metrics") is False:
+        lines.append("  WARNING: some metrics are not finite: the run diverged")
+    lines.append(f"  load it: srp_jax.load_factorizer({str(out)!r}); files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return "\n".join(lines)
 
 
 def _export_finished_run(out: Path, log: Callable[[str], None]) -> None:

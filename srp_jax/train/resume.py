@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .. import sharding as SH
 from .._atomic import write_text_atomic
 from ..errors import CheckpointError, OutputError
 
@@ -96,7 +97,8 @@ class StateStore:
         finally:
             self._manager.close()
             self._manager = None
-        self._drop_orphan_sums()
+        if SH.is_primary():
+            self._drop_orphan_sums()
 
     def wait(self) -> None:
         if self._manager is not None:
@@ -116,12 +118,15 @@ class StateStore:
         step = int(state.step)
         if self._manager.latest_step() == step:
             return
-        record = {"step": step, **state_sums(jax.device_get(state), extra)}
-        write_text_atomic(self.directory / f"{step}{SUMS_SUFFIX}", json.dumps(record, indent=0) + "\n")
+        record = {"step": step, **state_sums(SH.to_host(state), extra)}  # every process gathers; process 0 writes
+        if SH.is_primary():
+            write_text_atomic(self.directory / f"{step}{SUMS_SUFFIX}", json.dumps(record, indent=0) + "\n")
+        SH.sync_processes(f"srp-jax: checksums of step {step} written")
         self._manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra)))
         )
-        self._drop_orphan_sums(keep=(step,))
+        if SH.is_primary():
+            self._drop_orphan_sums(keep=(step,))
 
     def _drop_orphan_sums(self, keep: tuple[int, ...] = ()) -> None:
         live = set(self.steps()) | set(keep) if self._manager is not None else set(keep) | set(_step_dirs(self.directory))
@@ -188,7 +193,7 @@ class StateStore:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             raise _Damaged(f"Orbax cannot read it: {type(exc).__name__}: {first}") from None
         state, extra = restored["state"], dict(restored["extra"] or {})
-        host = jax.device_get(state)
+        host = SH.to_host(state)
         for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]:
             name = jax.tree_util.keystr(path)
             if _leaf_sha256(np.asarray(leaf)) != record["leaves"][name].get("sha256"):
@@ -208,14 +213,16 @@ class StateStore:
             target = self.aside_root / f"damaged-{stamp}-{n}"
         self._manager.close()
         try:
-            target.mkdir(parents=True)
-            for step in steps:
-                for name in (str(step), f"{step}{SUMS_SUFFIX}"):
-                    if (self.directory / name).exists():
-                        os.replace(self.directory / name, target / f"{self.directory.name}-{name}")
+            if SH.is_primary():  # process 0 moves; the others wait for it
+                target.mkdir(parents=True)
+                for step in steps:
+                    for name in (str(step), f"{step}{SUMS_SUFFIX}"):
+                        if (self.directory / name).exists():
+                            os.replace(self.directory / name, target / f"{self.directory.name}-{name}")
         except OSError as exc:
             raise OutputError(f"{self.directory}: cannot move damaged saves aside ({exc.strerror or exc})") from None
         finally:
+            SH.sync_processes("srp-jax: damaged saves moved aside")
             self.open()  # Orbax re-reads the steps left
         return target
 

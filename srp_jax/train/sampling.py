@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..compile import spread_rows
 from ..readout import Readout
 
 
@@ -41,8 +42,10 @@ class TrainData:
     row_norms = property(lambda self: self.readout.row_norms)
 
     @classmethod
-    def from_dataset(cls, dataset: Any, sample_weights: Any, prism_ranks: int = 1) -> TrainData:
-        """From a :class:`~srp_jax.data.PrismDataset` (or any object with its fields)."""
+    def from_dataset(cls, dataset: Any, sample_weights: Any, prism_ranks: int = 1, *, host: bool = False) -> TrainData:
+        """From a :class:`~srp_jax.data.PrismDataset` (or any object with its fields).
+        ``host``: keep NumPy arrays (to be placed on a mesh) instead of default-device arrays."""
+        asarray = np.asarray if host else jnp.asarray
         targets = np.asarray(dataset.top_targets)
         targets = targets[:, : max(1, min(prism_ranks, targets.shape[1] if targets.ndim == 2 else 1))]
         w = np.asarray(sample_weights, np.float64)
@@ -56,17 +59,17 @@ class TrainData:
             )
         # device-resident once (ids as int32), so no array crosses to the device per step
         readout = readout.replace(
-            W_U=jnp.asarray(readout.W_U, jnp.float32),
-            row_mean=jnp.asarray(readout.row_mean, jnp.float32),
-            row_norms=jnp.asarray(readout.row_norms, jnp.float32),
-            rows_normalized=jnp.asarray(readout.rows_normalized, jnp.float32),
-            row_token_ids=jnp.asarray(np.asarray(readout.row_token_ids), jnp.int32),
+            W_U=asarray(readout.W_U, jnp.float32),
+            row_mean=asarray(readout.row_mean, jnp.float32),
+            row_norms=asarray(readout.row_norms, jnp.float32),
+            rows_normalized=asarray(readout.rows_normalized, jnp.float32),
+            row_token_ids=asarray(np.asarray(readout.row_token_ids), jnp.int32),
         )
         return cls(
             readout=readout,
-            hidden=jnp.asarray(dataset.hidden_train, jnp.float32),
-            top_targets=jnp.asarray(targets, jnp.int32),
-            sample_logits=jnp.asarray(np.log(np.maximum(w, 1e-300)), jnp.float32),
+            hidden=asarray(dataset.hidden_train, jnp.float32),
+            top_targets=asarray(targets, jnp.int32),
+            sample_logits=asarray(np.log(np.maximum(w, 1e-300)), jnp.float32),
         )
 
 
@@ -98,8 +101,9 @@ def step_key(rng: jax.Array, step: Any) -> jax.Array:
 
 
 def sample_row_indices(key: jax.Array, sample_logits: jax.Array, batch: int) -> jax.Array:
-    """B row positions drawn i.i.d. with replacement from softmax(sample_logits) (= the weights)."""
-    return jax.random.categorical(key, sample_logits, shape=(batch,))
+    """B row positions drawn i.i.d. with replacement from softmax(sample_logits) (= the weights).
+    On a mesh the draws are split over every device (``spread_rows``: same values)."""
+    return spread_rows(jax.random.categorical(key, sample_logits, shape=(batch,)))
 
 
 def sample_prism_batch(key: jax.Array, data: TrainData, batch: int) -> PrismBatch:

@@ -58,12 +58,15 @@ def init_params(
 ) -> tuple[F.Params, F.Buffers]:
     """Random init (the reference's), or ``row_seeded`` (spec decision 2): decoder rows =
     ``rows_normalized`` of D rows drawn by ``sample_weights`` without replacement (with
-    replacement only when D > V), encoder kernel = decoder^T (tied at init), encoder bias 0."""
+    replacement only when D > V), encoder kernel = decoder^T (tied at init), encoder bias 0.
+    ``rows_normalized`` may have zero rows appended past the V of ``sample_weights``."""
     k_rand, k_rows = jax.random.split(key)
     params, buffers = F.init_factorizer(k_rand, fcfg, d_model)
     if tcfg.init_mode == "row_seeded":
         rows = jnp.asarray(rows_normalized, jnp.float32)
-        V, D = rows.shape[0], fcfg.d_features
+        # V from the weights when given: on a mesh the rows arrive zero-padded (never drawn)
+        V = rows.shape[0] if sample_weights is None else int(np.shape(sample_weights)[0])
+        D = fcfg.d_features
         p = None if sample_weights is None else jnp.asarray(np.asarray(sample_weights, np.float64), jnp.float32)
         idx = jax.random.choice(k_rows, V, (D,), replace=D > V, p=p)
         decoder = F.normalize_rows(rows[idx])
