@@ -71,12 +71,18 @@ def _verify_zip_records(path: Path) -> None:
         if not zipfile.is_zipfile(path):
             return
         with zipfile.ZipFile(path) as archive:
+            names = [i.filename for i in archive.infolist()]
             bad = archive.testzip()
             # torch's reader (miniz) takes a record with the MS-DOS directory attribute for a
             # folder and hands back uninitialised memory for its tensor: no tensor record is one
             flagged = [i.filename for i in archive.infolist() if i.external_attr & 0x10 or i.filename.endswith("/")]
     except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, struct.error... on a damaged archive
         raise CheckpointError(f"{path}: damaged zip archive ({type(exc).__name__}: {_first_line(exc)})") from None
+    seen: set[str] = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    if duplicates:
+        # torch (miniz) and zipfile read different copies of a duplicated record: refuse it
+        raise CheckpointError(f"{path}: the zip archive holds record {duplicates[0]!r} more than once (damaged or forged)")
     if bad is not None:
         raise CheckpointError(f"{path}: record {bad!r} fails its CRC-32 check (the file is damaged)")
     if flagged:
@@ -147,10 +153,15 @@ def _to_torch_tree(obj: Any) -> Any:
 
 
 def write_pt(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a dict tree (NumPy/JAX arrays become tensors) to ``path`` atomically."""
+    """Write a dict tree (NumPy/JAX arrays become tensors) to ``path`` atomically.
+
+    ``torch.save`` names the archive's root folder after the file it writes (``checkpoint.pt``
+    -> ``checkpoint/``), so the temp file carries the destination's own name (inside a private
+    temp folder): the same content always gives the same bytes, with the root the reference's
+    files have."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; a .pt checkpoint is a file")
     payload = _to_torch_tree(obj)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, keep_name=True) as tmp:
         torch.save(payload, tmp)

@@ -8,14 +8,19 @@ keys (:mod:`srp_jax.factorizers`), so both report bad values the same way.
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
 
 
-def as_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    """An integer (``3``, ``3.0``, ``"3"`` from a CLI override); bools, fractions and NaN refused."""
+def as_int(
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False
+) -> int | None:
+    """An integer (``3``, ``3.0``, ``"3"`` from a CLI override); bools, fractions and NaN refused;
+    ``minimum`` / ``maximum`` inclusive."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or value is None:
@@ -29,6 +34,8 @@ def as_int(name: str, value: Any, *, minimum: int | None = None, allow_none: boo
     out = int(value) if isinstance(value, int) else int(as_float_value)
     if minimum is not None and out < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {out}")
     return out
 
 
@@ -47,6 +54,24 @@ def as_float(name: str, value: Any, *, allow_none: bool = False, minimum: float 
     if minimum is not None and out < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {out}")
     return out
+
+
+_UNSET_VARIABLE = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand_path(name: str, value: str) -> str:
+    """``value`` with ``~`` and ``$VAR`` / ``${VAR}`` expanded; a variable that is not set is a
+    :class:`ConfigError` naming it (a literal ``${NOPE}`` folder is never created), and so is an
+    empty path."""
+    text = str(value)
+    if not text.strip():
+        raise ConfigError(f"{name} is empty (give a path)")
+    expanded = os.path.expanduser(os.path.expandvars(text))
+    left = _UNSET_VARIABLE.search(expanded)
+    if left is not None:
+        var = left.group(1).strip("{}")
+        raise ConfigError(f"{name} {text!r} uses the environment variable {var}, which is not set")
+    return expanded
 
 
 def as_list(name: str, value: Any) -> list[Any]:
@@ -83,4 +108,4 @@ def unknown_keys(block: str, given: Mapping[str, Any], known: set[str]) -> None:
         raise ConfigError(f"unknown key(s) in {block}: {', '.join(extra)} (known: {', '.join(sorted(known))})")
 
 
-__all__ = ["as_int", "as_float", "as_list", "as_bool", "as_str", "unknown_keys"]
+__all__ = ["as_int", "as_float", "as_list", "as_bool", "as_str", "unknown_keys", "expand_path"]

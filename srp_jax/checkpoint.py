@@ -53,9 +53,9 @@ import ml_dtypes
 import numpy as np
 
 from . import factorizers as F
-from ._atomic import publish_permissions
+from ._atomic import check_writable_parent, clean_stale_siblings, old_prefix, publish_permissions, temp_prefix
 from .config import FactorizerConfig
-from .errors import CheckpointError, ShapeError, SrpError
+from .errors import CheckpointError, OutputError, ShapeError, SrpError
 
 FORMAT_NAME = "srp-jax-dictionary"
 FORMAT_VERSION = 1
@@ -316,8 +316,11 @@ def save_dictionary(
     for name, arr in flat.items():
         if name.split("/")[0] in ("params", "buffers") and (blocks := block_sha256s(arr)):
             arrays_meta[name]["blocks"] = blocks
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    check_writable_parent(path, what="checkpoint")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create a folder in {path.parent} ({exc.strerror or exc})") from None
     try:
         publish_permissions(tmp, directory=True)
         with _checkpointer(local=True) as ckptr:
@@ -362,6 +365,7 @@ def save_dictionary(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    clean_stale_siblings(path)  # what killed writes to this destination left behind
     return path
 
 
@@ -377,6 +381,11 @@ def check_destination(
     that is, holds or lies inside a source, and — even with ``force`` — an existing path
     that ``replaceable(path)`` does not recognise as ``what`` (e.g. an unrelated directory)."""
     dst = Path(dst)
+    for node in (dst.parent, *dst.parent.parents):
+        if node.exists() or node.is_symlink():
+            if not node.is_dir():
+                raise OutputError(f"{dst}: cannot write here: {node} is a file, not a directory")
+            break
     target = dst.resolve()
     for src in sources:
         source = Path(src).resolve()
@@ -395,7 +404,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists() and not dst.is_symlink():
         os.replace(src, dst)
         return
-    trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    trash = dst.parent / f"{old_prefix(dst.name)}{uuid.uuid4().hex[:8]}"
     os.replace(dst, trash)
     try:
         os.replace(src, dst)
@@ -454,6 +463,8 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{meta_path}: damaged metadata (not valid JSON: {exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_path}: damaged metadata (nested too deeply to read)") from None
     if not isinstance(document, dict):
         raise CheckpointError(f"{meta_path}: damaged metadata (top level is not an object)")
     if document.get("format") != FORMAT_NAME:
@@ -468,6 +479,8 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: damaged metadata (no 'content' object)")
     try:
         digest = _sha256_bytes(_canonical(content))
+    except RecursionError:
+        raise CheckpointError(f"{meta_path}: damaged metadata (nested too deeply to read)") from None
     except ValueError as exc:
         raise CheckpointError(f"{meta_path}: damaged metadata ({exc})") from None
     if digest != document.get("content_sha256"):
@@ -624,6 +637,8 @@ def load_checkpoint(path: str | os.PathLike, *, sharding: Any = None) -> LoadedC
         dtypes = {name: _dtype_from_name(str(info["dtype"])) for name, info in arrays_meta.items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path / METADATA_FILE}: malformed metadata ({type(exc).__name__}: {exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path / METADATA_FILE}: malformed metadata (nested too deeply)") from None
     if not isinstance(factorizer_block, Mapping):
         raise CheckpointError(f"{path}: the factorizer block is not a dict")
     cfg = FactorizerConfig.from_dict(factorizer_block, strict=False)

@@ -18,6 +18,7 @@ from ._validate import as_float as _as_float
 from ._validate import as_int as _as_int
 from ._validate import as_list as _as_list  # noqa: F401 - kept for callers of the old private name
 from ._validate import as_str as _as_str
+from ._validate import expand_path
 from ._validate import unknown_keys as _unknown_keys
 from .errors import ConfigError
 from .factorizers.base import DEFAULT_K
@@ -64,7 +65,7 @@ class FactorizerConfig:
         arch = get_architecture(architecture)
         set_ = object.__setattr__
         set_(self, "architecture", arch.name)
-        set_(self, "d_features", _as_int("factorizer.d_features", d_features, minimum=1))
+        set_(self, "d_features", _as_int("factorizer.d_features", d_features, minimum=1, maximum=2**31 - 1))
         set_(self, "k", _as_int("factorizer.k", k, minimum=0, allow_none=True))
         set_(self, "encoder_init_scale", _as_float("factorizer.encoder_init_scale", encoder_init_scale))
         given = dict(options.items() if isinstance(options, Mapping) else options)
@@ -223,6 +224,9 @@ INIT_MODES = ("random", "row_seeded")
 LR_SCHEDULES = ("constant", "warmup_cosine")
 LAMBDA_MODES = ("constant", "delayed_ramp")
 DATA_FALLBACKS = ("synthetic", "error")
+SEED_MAX = 2**32 - 1  # jax.random.PRNGKey keeps 32 bits: larger seeds would collide silently
+SIZE_MAX = 2**31 - 1  # array dimensions and sample indices are int32 on the device
+FLOAT32_MAX = 3.4028234663852886e38
 
 # training.row_sampling: fixed names, frequency_pow_<p>, hybrid_<F>freq_<U>uniform
 _FIXED_SAMPLING = {
@@ -296,9 +300,14 @@ class RunBlock:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", str(self.name if self.name is not None else "run"))
-        object.__setattr__(self, "seed", _as_int("run.seed", self.seed, minimum=0))
-        object.__setattr__(self, "init_seed", _as_int("run.init_seed", self.init_seed, minimum=0, allow_none=True))
-        object.__setattr__(self, "output_dir", _as_str("run.output_dir", self.output_dir if self.output_dir is not None else "results/run"))
+        object.__setattr__(self, "seed", _as_int("run.seed", self.seed, minimum=0, maximum=SEED_MAX))
+        object.__setattr__(
+            self, "init_seed", _as_int("run.init_seed", self.init_seed, minimum=0, maximum=SEED_MAX, allow_none=True)
+        )
+        out = _as_str("run.output_dir", self.output_dir if self.output_dir is not None else "results/run")
+        if not out.strip():
+            raise ConfigError("run.output_dir / --out-dir is empty (give a run directory)")
+        object.__setattr__(self, "output_dir", out)
         object.__setattr__(self, "device", _as_str("run.device", self.device if self.device is not None else "auto"))
 
     @property
@@ -309,10 +318,15 @@ class RunBlock:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """``data:``. ``max_hidden`` / ``val_hidden`` follow the reference's ``or`` (0/None = default);
-    ``row_preprocessing`` is inert (only center + normalize exists)."""
+    ``row_preprocessing`` is inert (only center + normalize exists).
+
+    ``path`` (``$VAR`` / ``~`` expanded when read) must exist when given: an explicit path never
+    falls back. ``fallback`` only decides what a config *without* a path trains on:
+    ``synthetic`` (the built-in synthetic readout, announced on stderr; the smoke config asks
+    for it) or ``error`` (the default)."""
 
     path: str | None = None
-    fallback: str = "synthetic"
+    fallback: str = "error"
     max_rows: int | None = None
     max_hidden: int | None = 512
     val_hidden: int | None = None
@@ -325,12 +339,14 @@ class DataConfig:
         if path is not None and not isinstance(path, str):
             path = str(path)
         object.__setattr__(self, "path", path or None)
-        object.__setattr__(self, "fallback", _as_str("data.fallback", self.fallback or "synthetic", choices=DATA_FALLBACKS))
+        object.__setattr__(self, "fallback", _as_str("data.fallback", self.fallback or "error", choices=DATA_FALLBACKS))
         object.__setattr__(self, "max_rows", _as_int("data.max_rows", self.max_rows, minimum=1, allow_none=True))
         object.__setattr__(self, "max_hidden", _as_int("data.max_hidden", self.max_hidden or 512, minimum=1))
         vh = _as_int("data.val_hidden", self.val_hidden, minimum=0, allow_none=True)
         object.__setattr__(self, "val_hidden", vh or min(128, self.max_hidden))
-        object.__setattr__(self, "data_seed", _as_int("data.data_seed", self.data_seed, minimum=0, allow_none=True))
+        object.__setattr__(
+            self, "data_seed", _as_int("data.data_seed", self.data_seed, minimum=0, maximum=SEED_MAX, allow_none=True)
+        )
         object.__setattr__(self, "apply_token_mask", _as_bool("data.apply_token_mask", self.apply_token_mask))
 
     @classmethod
@@ -404,12 +420,14 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         p = "training."
         object.__setattr__(self, "steps", _as_int(p + "steps", self.steps, minimum=0))
-        object.__setattr__(self, "batch_size", _as_int(p + "batch_size", self.batch_size, minimum=1))
+        object.__setattr__(self, "batch_size", _as_int(p + "batch_size", self.batch_size, minimum=1, maximum=SIZE_MAX))
         for key in ("lr", "weight_decay", "lambda_prism", "code_l2", "l0_coeff", "l1_coeff", "gate_l1_coeff",
                     "gated_aux_coeff", "final_lr_frac", "lambda_ramp_start_frac", "auxk_coeff"):
             value = _as_float(p + key, getattr(self, key))
             if value < 0:
                 raise ConfigError(f"{p}{key} must be >= 0, got {value}")
+            if value > FLOAT32_MAX:
+                raise ConfigError(f"{p}{key} = {value:g} does not fit in float32 (the step computes in float32; max {FLOAT32_MAX:.4g})")
             object.__setattr__(self, key, value)
         object.__setattr__(self, "prism_top_n", _as_int(p + "prism_top_n", self.prism_top_n))
         object.__setattr__(self, "row_sampling", _as_str(p + "row_sampling", self.row_sampling or "uniform"))
@@ -675,6 +693,8 @@ def read_config_file(path_or_name) -> tuple[dict[str, Any], str]:
         source, opener = text, lambda: open(text, encoding="utf-8")
     else:
         node = builtin_config_path(text)
+        if node is None and os.path.isdir(text):
+            raise ConfigError(f"{text}: is a directory, not a YAML config file")
         if node is None:
             names = builtin_config_names()
             flat = [n for n in names if not n.startswith("paper/")]
@@ -688,6 +708,12 @@ def read_config_file(path_or_name) -> tuple[dict[str, Any], str]:
     try:
         with opener() as fh:
             loaded = yaml.safe_load(fh)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to read") from None
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{source}: not valid YAML ({first})") from None

@@ -1,4 +1,5 @@
-"""Training data: readout payloads, the synthetic fallback, hidden splits, row subsets,
+"""Training data: readout payloads (validated: no NaN/Inf rows, no empty hidden set), the
+synthetic fallback (only when a config without a data path asks for it), hidden splits, row subsets,
 top-target statistics, row-sampling weights and the ``PrismDataset``.
 
 Host-side NumPy throughout (this runs once per run); the one matmul that ranks logits runs in
@@ -11,6 +12,7 @@ reference's (different RNG); the recipe and the distributions are the same.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +26,8 @@ from ._arrays import to_numpy
 from ._lazy import read_pt
 from .compile import compiled
 from .config import DataConfig, RunConfig, parse_row_sampling, validate_sampling_mode
-from .errors import CheckpointError, ConfigError, DependencyError, MissingKeyError, ShapeError
+from ._validate import expand_path
+from .errors import CheckpointError, ConfigError, DependencyError, MissingKeyError, NonFiniteError, ShapeError
 from .readout import Readout, preprocess_rows
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -107,14 +110,23 @@ def payload_from_mapping(raw: Mapping[str, Any], *, source: str = "payload") -> 
     h = raw.get("h_LN")
     if W is None or h is None:
         raise MissingKeyError(f"{source} must contain W_U_orig (or W_U) and h_LN; found keys: {sorted(raw)}")
-    W_np = to_numpy(W, name=f"{source}[W_U]").astype(np.float32)
-    h_np = to_numpy(h, name=f"{source}[h_LN]").astype(np.float32)
+    W_np = _numeric(W, f"{source}: W_U")
+    h_np = _numeric(h, f"{source}: h_LN")
     if W_np.ndim != 2:
         raise ShapeError(f"{source}: W_U must be 2-D (vocab, d_model), got shape {W_np.shape}")
+    if W_np.shape[0] == 0 or W_np.shape[1] == 0:
+        raise ShapeError(f"{source}: W_U has shape {W_np.shape}; it needs at least one row and d_model >= 1")
     if h_np.ndim < 2:
         raise ShapeError(f"{source}: h_LN must have rank >= 2 (..., d_model), got shape {h_np.shape}")
     if h_np.shape[-1] != W_np.shape[-1]:
         raise ShapeError(f"{source}: hidden dim {h_np.shape[-1]} does not match W_U dim {W_np.shape[-1]}")
+    _check_finite_rows(W_np, f"{source}: W_U")
+    flat = h_np.reshape(-1, h_np.shape[-1])
+    if flat.shape[0] == 0:
+        raise ShapeError(f"{source}: h_LN holds no hidden states (shape {h_np.shape})")
+    _check_finite_rows(h_np, f"{source}: h_LN")
+    if not np.any(np.linalg.norm(flat.astype(np.float64), axis=1) > PAD_NORM_EPS):
+        raise ShapeError(f"{source}: every one of the {flat.shape[0]} hidden states in h_LN is padding (norm <= {PAD_NORM_EPS:g})")
     out = {"W_U": W_np, "h_LN": h_np}
     if raw.get("token_mask") is not None:
         mask = to_numpy(raw["token_mask"], name=f"{source}[token_mask]").astype(bool).reshape(-1)
@@ -122,6 +134,42 @@ def payload_from_mapping(raw: Mapping[str, Any], *, source: str = "payload") -> 
             raise ShapeError(f"{source}: token_mask length {mask.shape[0]} does not match vocab {W_np.shape[0]}")
         out["token_mask"] = mask
     return out
+
+
+def _numeric(value: Any, where: str) -> np.ndarray:
+    """A payload array as float32; strings, objects and other non-numbers are refused by name."""
+    arr = to_numpy(value, name=where)
+    if arr.dtype.kind not in "fiub" and str(arr.dtype) != "bfloat16":
+        raise ShapeError(f"{where} must be a numeric array, got dtype {arr.dtype} (shape {arr.shape})")
+    return arr.astype(np.float32)
+
+
+def _check_finite_rows(arr: np.ndarray, where: str) -> None:
+    """Refuse NaN/Inf, naming the first bad row (its index in the array's leading axes)."""
+    finite = np.isfinite(arr).all(axis=-1)
+    if finite.all():
+        return
+    bad = np.argwhere(~finite)
+    first = tuple(int(i) for i in bad[0])
+    row = first[0] if len(first) == 1 else first
+    value = arr[first][~np.isfinite(arr[first])][0]
+    raise NonFiniteError(
+        f"{where} row {row} holds a non-finite value ({value}); {bad.shape[0]} row(s) in all are not finite"
+    )
+
+
+def payload_fingerprint(payload: Mapping[str, np.ndarray]) -> str:
+    """``sha256:<hex>`` of a normalised payload (as :func:`payload_from_mapping` returns): the
+    name, dtype, shape and bytes of ``W_U``, ``h_LN`` and ``token_mask`` (when present), so one
+    data set has one fingerprint whatever file format carried it. A run directory records it."""
+    digest = hashlib.sha256()
+    for key in ("W_U", "h_LN", "token_mask"):
+        if key not in payload:
+            continue
+        arr = np.ascontiguousarray(payload[key])
+        digest.update(f"{key}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+        digest.update(arr.reshape(-1).view(np.uint8) if arr.size else b"")
+    return "sha256:" + digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +205,7 @@ def drop_padding(hidden: np.ndarray) -> np.ndarray:
     """Flatten to (N, d) and drop rows with norm <= 1e-6 (the extractor's zeroed padding),
     unless that would drop every row."""
     flat = np.asarray(hidden, np.float32).reshape(-1, hidden.shape[-1])
-    keep = np.linalg.norm(flat, axis=1) > PAD_NORM_EPS
+    keep = np.linalg.norm(flat.astype(np.float64), axis=1) > PAD_NORM_EPS  # float64: no overflow on huge rows
     if keep.any() and not keep.all():
         flat = flat[keep]
     return flat
@@ -289,7 +337,8 @@ class PrismDataset:
     the row statistics; ``readout()`` returns it), ``hidden_train`` (N_t, d); ``hidden_val``
     (N_v, d); ``top_targets`` (N_t, 8) int64 row positions; ``top_counts`` (V,) int64;
     ``source_path``; ``used_fallback``; ``val_overlaps_train``; ``token_labels``
-    (placeholders ``tok_<id>``); ``h_LN_grid`` the raw hidden payload.
+    (placeholders ``tok_<id>``); ``h_LN_grid`` the raw hidden payload; ``fingerprint`` the
+    payload's :func:`payload_fingerprint`.
 
     The reference's field names ``W_U`` (V, d), ``rows_normalized`` (V, d), ``row_mean``
     (d,), ``row_norms`` (V,) and ``row_token_ids`` (V,) read through to ``rows``.
@@ -305,6 +354,7 @@ class PrismDataset:
     val_overlaps_train: bool = False
     token_labels: list[str] = dataclasses.field(default_factory=list)
     h_LN_grid: np.ndarray | None = None
+    fingerprint: str | None = None
 
     W_U = property(lambda self: self.rows.W_U, doc="(V, d) the kept raw rows")
     rows_normalized = property(lambda self: self.rows.rows_normalized, doc="(V, d) centred, unit-norm rows")
@@ -339,41 +389,82 @@ def _data_block(config: Any) -> DataConfig:
 
 
 def resolve_data_path(path: str | None) -> Path | None:
-    """Expand ``${VAR}`` / ``~`` in a configured path (an unset variable stays literal)."""
+    """``data.path`` with ``${VAR}`` / ``~`` expanded, or None when no path is configured; a
+    variable that is not set is a :class:`ConfigError` naming it."""
     if not path:
         return None
-    return Path(os.path.expanduser(os.path.expandvars(path)))
+    return Path(expand_path("data.path", path))
 
 
-def load_prism_dataset(config: Any, seed: int = 0, *, payload: Mapping[str, Any] | None = None) -> PrismDataset:
-    """Build the training dataset from a run config (``RunConfig``, a config mapping or a
-    ``data`` block) and the legacy ``seed`` (``data.data_seed`` defaults to it).
+@dataclasses.dataclass
+class LoadedPayload:
+    """A normalised payload (``W_U``, ``h_LN``, optional ``token_mask``) with where it came
+    from: ``source`` (the path, ``"synthetic"`` or ``"payload"``), ``used_fallback`` and
+    ``fingerprint`` (:func:`payload_fingerprint`); ``files`` the payload files read."""
 
-    Source: ``payload`` if given, else ``data.path`` when it exists, else the synthetic
-    fallback (``fallback: synthetic``) or a CheckpointError (``fallback: error``).
-    """
+    arrays: dict[str, np.ndarray]
+    source: str
+    used_fallback: bool
+    fingerprint: str
+    files: tuple[Path, ...] = ()
+
+
+def load_payload(config: Any, seed: int = 0, *, payload: Mapping[str, Any] | None = None) -> LoadedPayload:
+    """The payload a run config names, validated (no NaN/Inf, no empty hidden set), before any
+    compute. ``payload`` (a mapping) wins; else ``data.path``, which must exist (an explicit
+    path never falls back); else, with no path, the synthetic readout when
+    ``data.fallback: synthetic`` and a :class:`ConfigError` when ``data.fallback: error``."""
     data = _data_block(config)
     data_seed = int(seed if data.data_seed is None else data.data_seed)
-    used_fallback = False
     if payload is not None:
         loaded = payload_from_mapping(payload, source="payload")
-        source = "payload"
-    else:
-        path = resolve_data_path(data.path)
-        if path is not None and (path.is_file() or path.is_dir()):  # a folder: .npy payload
-            loaded = read_payload(path)
-            source = str(path)
-        elif data.fallback == "synthetic":
-            W, h = make_synthetic_data(seed=data_seed)
-            loaded = {"W_U": W, "h_LN": h}
-            source, used_fallback = "synthetic", True
-        else:
+        return LoadedPayload(loaded, "payload", False, payload_fingerprint(loaded))
+    path = data_source(data)
+    if path is not None:
+        loaded = read_payload(path)
+        files = tuple(sorted(payload_files(path)))
+        return LoadedPayload(loaded, str(path), False, payload_fingerprint(loaded), files)
+    W, h = make_synthetic_data(seed=data_seed)
+    loaded = payload_from_mapping({"W_U": W, "h_LN": h}, source="synthetic data")
+    return LoadedPayload(loaded, "synthetic", True, payload_fingerprint(loaded))
+
+
+def data_source(config: Any) -> Path | None:
+    """The payload path a config trains on (checked to exist), or None for the synthetic
+    readout (only when there is no ``data.path`` and ``data.fallback: synthetic``). Reads
+    nothing; raises what :func:`load_payload` would for a missing source."""
+    data = _data_block(config)
+    path = resolve_data_path(data.path)
+    if path is not None:
+        if not (path.is_file() or path.is_dir()):  # a folder: .npy payload
             raise CheckpointError(
-                f"data.path {data.path!r} is not a file and data.fallback is 'error' "
-                "(set data.path / --data-path to a readout payload, or the environment variable it names)"
+                f"data.path {str(path)!r}: no such payload file or folder (an explicit data path never falls "
+                "back to synthetic data; fix data.path / --data-path)"
             )
-    W_full, h_grid = loaded["W_U"], loaded["h_LN"]
-    mask = loaded.get("token_mask") if data.apply_token_mask else None
+        return path
+    if data.fallback == "synthetic":
+        return None
+    raise ConfigError(
+        "no data.path given and data.fallback is 'error': set data.path / --data-path to a readout payload "
+        "(data.fallback: synthetic trains on the built-in synthetic readout instead)"
+    )
+
+
+def payload_files(path: Path) -> list[Path]:
+    """The absolute paths of the files a payload ``path`` (a file, a ``.npy`` or its folder) reads."""
+    if path.is_file() and path.suffix.lower() != ".npy":
+        return [path.absolute()]
+    folder = path if path.is_dir() else path.parent
+    return [(folder / f"{key}.npy").absolute() for key in _NPY_KEYS if (folder / f"{key}.npy").is_file()]
+
+
+def build_prism_dataset(config: Any, loaded: LoadedPayload, seed: int = 0) -> PrismDataset:
+    """Split, subset and rank a :class:`LoadedPayload` into the :class:`PrismDataset` training
+    reads (``seed`` the legacy seed ``data.data_seed`` defaults to)."""
+    data = _data_block(config)
+    data_seed = int(seed if data.data_seed is None else data.data_seed)
+    W_full, h_grid = loaded.arrays["W_U"], loaded.arrays["h_LN"]
+    mask = loaded.arrays.get("token_mask") if data.apply_token_mask else None
     hidden = drop_padding(h_grid)
     hidden_train, hidden_val, overlaps = split_hidden(
         hidden, data.max_hidden, data.val_hidden, data_seed + HIDDEN_SEED_OFFSET
@@ -392,12 +483,20 @@ def load_prism_dataset(config: Any, seed: int = 0, *, payload: Mapping[str, Any]
         hidden_val=hidden_val,
         top_targets=top_targets,
         top_counts=top_counts,
-        source_path=source,
-        used_fallback=used_fallback,
+        source_path=loaded.source,
+        used_fallback=loaded.used_fallback,
         val_overlaps_train=overlaps,
         token_labels=[f"tok_{int(i)}" for i in row_ids],
         h_LN_grid=h_grid,
+        fingerprint=loaded.fingerprint,
     )
+
+
+def load_prism_dataset(config: Any, seed: int = 0, *, payload: Mapping[str, Any] | None = None) -> PrismDataset:
+    """Build the training dataset from a run config (``RunConfig``, a config mapping or a
+    ``data`` block) and the legacy ``seed`` (``data.data_seed`` defaults to it):
+    :func:`load_payload` then :func:`build_prism_dataset`."""
+    return build_prism_dataset(config, load_payload(config, seed, payload=payload), seed)
 
 
 __all__ = [
@@ -412,5 +511,11 @@ __all__ = [
     "validate_sampling_mode",
     "row_sampling_weights",
     "resolve_data_path",
+    "payload_fingerprint",
+    "LoadedPayload",
+    "load_payload",
+    "data_source",
+    "payload_files",
+    "build_prism_dataset",
     "load_prism_dataset",
 ]

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 
 class SrpError(Exception):
-    """Base class of every error srp-jax raises on purpose."""
+    """Base class of every error srp-jax raises on purpose. ``exit_code`` is the CLI's exit
+    status for it (2: bad input or a refused run directory; 3: training diverged)."""
+
+    exit_code = 2
 
     def __str__(self) -> str:  # KeyError quotes its message; keep one clean line instead.
         return " ".join(str(a) for a in self.args) if self.args else self.__class__.__name__
@@ -68,6 +71,30 @@ class HubError(SrpError, OSError):
     """A Hub dictionary could not be found locally or downloaded."""
 
 
+class OutputError(SrpError, OSError):
+    """A destination cannot be written: read-only, under a file, or something else is in the way."""
+
+
+class RunDirectoryError(SrpError, RuntimeError):
+    """A run directory refuses this run: locked by another trainer, holding files srp-jax did not
+    write, or recording another config or data set (the message lists what differs)."""
+
+
+class ResourceError(SrpError, MemoryError):
+    """The run does not fit: the device or host ran out of memory (the message names the sizes)."""
+
+
+class DivergenceError(SrpError, FloatingPointError):
+    """Training produced a non-finite loss term, gradient or parameter (exit status 3). The run
+    stops at that step; the last finite saved state stays on disk and no ``DONE`` is written."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, step: int | None = None, terms: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.step, self.terms = step, tuple(terms)
+
+
 __all__ = [
     "SrpError",
     "ConfigError",
@@ -81,4 +108,8 @@ __all__ = [
     "ThresholdNotReadyError",
     "DependencyError",
     "HubError",
+    "OutputError",
+    "RunDirectoryError",
+    "ResourceError",
+    "DivergenceError",
 ]

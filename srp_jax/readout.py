@@ -182,11 +182,9 @@ class Readout:
         W = as_float_array(W_U, name="W_U", ndim=2)
         check_last_dim("W_U", W, dictionary.d_model)
         mean = resolve_row_mean(W, token_mask=token_mask, ckpt=dictionary)
+        ids = _trained_ids(W, dictionary)
         if rows == "all":
             return cls.from_weights(W, row_mean=mean, softcap=softcap)
-        ids = getattr(dictionary, "row_token_ids", None)
-        if ids is not None and (len(ids) == 0 or int(np.max(ids)) >= W.shape[0]):
-            ids = None  # the dictionary covered another vocabulary; fall back to the mask / all rows
         return cls.from_weights(W, row_mean=mean, row_token_ids=ids, token_mask=None if ids is not None else token_mask, softcap=softcap)
 
     def positions(self, token_ids: Any) -> np.ndarray:
@@ -237,6 +235,51 @@ class Readout:
     def _repr_html_(self) -> str:
         rows = [("rows", self.vocab_size), ("d_model", self.d_model), ("W_U", shape_text(self.W_U)), ("softcap", self.softcap)]
         return html_table("srp-jax Readout", rows)
+
+
+ROW_NORM_RTOL = 1e-3  # float32 recomputation of a stored norm agrees far closer than this
+
+
+def _trained_ids(W: jax.Array, dictionary: Any) -> np.ndarray | None:
+    """The dictionary's ``row_token_ids`` (or None when it has none), checked against ``W``:
+    every id must be a row of ``W``, and when the dictionary recorded ``row_norms`` the rows of
+    ``W`` centred by its ``row_mean`` must have those norms. A contradiction means ``W`` is not
+    the matrix the dictionary was trained on: a ShapeError, never a silent fallback."""
+    V = W.shape[0]
+    ids = getattr(dictionary, "row_token_ids", None)
+    norms = getattr(dictionary, "row_norms", None)
+    if ids is not None:
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size == 0:
+            ids = None
+        elif ids.dtype.kind not in "iu" or ids.min() < 0 or int(ids.max()) >= V:
+            raise ShapeError(
+                f"W_U has {V} rows, but the dictionary was trained on token ids up to {int(ids.max())}: "
+                "this W_U belongs to another vocabulary"
+            )
+    if norms is None or getattr(dictionary, "row_mean", None) is None:
+        return ids
+    stored = np.asarray(norms, np.float32).reshape(-1)
+    positions = ids if ids is not None else (np.arange(V) if stored.shape[0] == V else None)
+    if positions is None:
+        return ids
+    if stored.shape[0] != positions.shape[0]:
+        raise ShapeError(
+            f"the dictionary records {stored.shape[0]} row_norms but {positions.shape[0]} row_token_ids (its "
+            "row statistics contradict each other)"
+        )
+    mean = as_float_array(dictionary.row_mean, name="dictionary row_mean", ndim=1)
+    got, _ = _center_normalize(W[jnp.asarray(positions)], mean)
+    got = np.asarray(got)
+    bad = ~np.isclose(got, stored, rtol=ROW_NORM_RTOL, atol=1e-6)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ShapeError(
+            f"W_U contradicts the dictionary's stored row statistics: row {int(positions[i])} centred by the stored "
+            f"row_mean has norm {got[i]:.6g}, the dictionary recorded {stored[i]:.6g} ({int(bad.sum())} of "
+            f"{bad.size} rows differ); this W_U is not the matrix the dictionary was trained on"
+        )
+    return ids
 
 
 def _softcap(softcap: Any) -> float | None:

@@ -125,7 +125,8 @@ def check_checkpoint(tmp: str) -> None:
     checksums verified)."""
     from srp_jax.checkpoint import load_checkpoint, save_dictionary
     from srp_jax.dictionary import Dictionary
-    from srp_jax.train.loop import STATE_DIR, _manager, _restore
+    from srp_jax.train.loop import STATE_DIR
+    from srp_jax.train.resume import StateStore
     from srp_jax.train.compiled import setup_training
     from srp_jax.train.step import StepSpec, make_optimizer
     from srp_jax.data import row_sampling_weights
@@ -140,9 +141,9 @@ def check_checkpoint(tmp: str) -> None:
     opt = make_optimizer(cfg.training)
     for mesh in (SH.make_mesh(1, 8), None):
         setup = setup_training(spec, opt, ds, weights, init_seed=cfg.init_seed, mesh=mesh)
-        manager = _manager(tmp / "run" / STATE_DIR)
-        state, _ = _restore(manager, setup.abstract, tmp / "run" / STATE_DIR)
-        manager.close()
+        store = StateStore(tmp / "run" / STATE_DIR).open()
+        state, _, _ = store.restore(setup.abstract)  # checksums verified on the new layout too
+        store.close()
         assert int(state.step) == 6
         if mesh is not None:
             assert state.params["decoder"].sharding.spec == P("model", None)

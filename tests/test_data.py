@@ -205,8 +205,12 @@ def test_load_prism_dataset_fallbacks(monkeypatch, tmp_path):
     W, _ = make_synthetic_data(7)
     assert np.array_equal(ds.W_U, W)  # data_seed defaults to run.seed = 7
     monkeypatch.delenv("SRP_NOPE", raising=False)
-    with pytest.raises(CheckpointError, match="fallback"):
-        load_prism_dataset({"data": {"path": "${SRP_NOPE}/x.pt", "fallback": "error"}}, seed=0)
+    with pytest.raises(ConfigError, match="environment variable SRP_NOPE, which is not set"):
+        load_prism_dataset({"data": {"path": "${SRP_NOPE}/x.pt", "fallback": "synthetic"}}, seed=0)
+    with pytest.raises(CheckpointError, match="never falls back"):  # an explicit path never falls back
+        load_prism_dataset({"data": {"path": str(tmp_path / "nope.pt"), "fallback": "synthetic"}}, seed=0)
+    with pytest.raises(ConfigError, match="no data.path given"):  # no path: synthetic only when asked for
+        load_prism_dataset({"data": {}}, seed=0)
     W, h = _payload_arrays()
     np.savez(tmp_path / "p.npz", W_U=W, h_LN=h)
     monkeypatch.setenv("SRP_NOPE", str(tmp_path))

@@ -123,7 +123,7 @@ def test_cli_print_config_and_errors(capsys):
     err = capsys.readouterr().err
     assert "stepz" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--config", "paper/qwen3.5-2b/k256_32x", "--out-dir", "/tmp/srp-never"]) == 2
-    assert "fallback" in capsys.readouterr().err
+    assert "SRP_DATA_ROOT, which is not set" in capsys.readouterr().err
 
 
 def test_run_report_failure_notes():

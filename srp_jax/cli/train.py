@@ -12,6 +12,8 @@ Train one readout dictionary from a YAML config (the reference's keys, accepted 
   srp-jax train --config configs/smoke.yaml --out-dir /tmp/smoke
   srp-jax train --config smoke                       # a built-in config by name
   srp-jax train --config paper/qwen3.5-2b/k256_32x --data-path hLN.pt --out-dir runs/q2b
+  srp-jax train --config smoke --out /tmp/smoke --set training.steps=120 --extend-steps
+  srp-jax train --config smoke --out /tmp/smoke --set training.lr=0.003 --restart
 
 From a model in one command: --model extracts the payload first (srp-jax extract's recipe and
 options), or reuses the cached one for the same model, corpus and extraction settings (under
@@ -22,9 +24,17 @@ trains on it. Without --config it uses the built-in smollm2-cpu recipe (16x / k1
   srp-jax train --model my-model.gguf --corpus notes.txt --config my.yaml --out-dir runs/mine
 
 The run directory gets checkpoint/ (srp-jax), train_state/ (Orbax, for resuming), config.yaml,
-metrics.json, history.json, compute_meta.json, feature_labels.json, DONE, and checkpoint.pt
-with --export-pt. Rerunning the same command resumes an interrupted run; a finished one
-(DONE) is skipped. SIGTERM / Ctrl-C save the state and exit (status 143 / 130).
+metrics.json, history.json, compute_meta.json, feature_labels.json, DONE, checkpoint.pt with
+--export-pt, and srp_run.json: the manifest of the resolved config, the data's fingerprint and
+the files this run wrote. One trainer at a time holds a directory (a lock). Rerunning the same
+command resumes an interrupted run from its newest intact save, and skips a finished one;
+another config or other data is refused, listing what differs (--restart moves the old run
+to srp_previous/, --extend-steps lets training.steps grow). A directory holding files srp-jax
+did not write is refused before any compute unless --force. See docs/training.md.
+
+exit status: 0 done (or skipped); 2 bad input, or the run directory refused the run;
+3 training diverged (a non-finite loss term, gradient or parameter; no DONE);
+130 / 143 Ctrl-C / SIGTERM (the state is saved: rerun to resume).
 
 On several devices the run uses the `mesh:` block (default data=-1, model=1: all devices split
 the batch); the latent axis is split with mesh.model (see docs/scaling.md):
@@ -59,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wandb", metavar="PROJECT", default=None,
                         help="also log to Weights & Biases project PROJECT (= artifacts.wandb_project; needs wandb)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+    parser.add_argument("--restart", action="store_true",
+                        help="move the previous run's files in --out to srp_previous/<time>/ and train from step 0")
+    parser.add_argument("--force", action="store_true",
+                        help="train into an --out holding files srp-jax did not write (same-named outputs are replaced)")
+    parser.add_argument("--extend-steps", action="store_true",
+                        help="allow training.steps to grow over the run's recorded value (constant lr / lambda schedules only)")
     group = parser.add_argument_group("from a model (needs the extract extra)")
     add_extraction_arguments(group, model_required=False)
     group.add_argument("--payload-cache", default=None, help="folder of cached payloads (default <srp-jax cache>/payloads)")
@@ -116,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     initialize_distributed(DistributedOptions.from_env(args.distributed, args.coordinator, args.num_processes, args.process_id))
 
     try:
-        train(cfg, export_pt=args.export_pt)
+        train(cfg, export_pt=args.export_pt, force=args.force, restart=args.restart, extend_steps=args.extend_steps)
     except TrainingInterrupted as exc:
         print(f"srp-jax train: {exc}", file=sys.stderr)
         return 128 + int(exc.signum)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import factorizers as F
-from .._arrays import as_float_array, as_index_array, check_last_dim, static_k
+from .._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
 from .._display import fields_repr, html_table, shape_text
 from ..compile import compiled
 from ..dictionary import inference_view
@@ -125,6 +125,8 @@ def decompose_rows(
     for name, arr in (("W_rows", w_a), ("rows_normalized", x_a), ("row_norms", norms_a)):
         if arr.shape[0] != B:
             raise ShapeError(f"{name} has {arr.shape[0]} rows but h has {B}")
+    if not isinstance(norms_a, jax.core.Tracer) and norms_a.size and not bool(jnp.all(norms_a > 0)):
+        raise ShapeError(f"row_norms must be > 0 (clamped norms of the centred rows), got minimum {float(jnp.min(norms_a)):g}")
     k_static = static_k(k)
     m = None
     if sparse:
@@ -164,6 +166,8 @@ def decompose_tokens(
     ``readout`` is a :class:`srp_jax.readout.Readout` prepared with the dictionary's row mean
     (``Readout.for_dictionary``). One jitted call for the whole batch.
     """
+    if np.size(to_numpy(token_ids, name="token_ids")) == 0:
+        raise ShapeError("token_ids is empty: give at least one token id to decompose")
     ids = as_index_array(token_ids, name="token_ids", ndim=1)
     pos = jnp.asarray(readout.positions(ids))
     return decompose_rows(

@@ -138,6 +138,8 @@ def decompose_token_logit(
     norm_a = as_float_array(row_norm, name="row_norm")
     if norm_a.size != 1:
         raise ShapeError(f"row_norm must be a scalar, got shape {tuple(norm_a.shape)}")
+    if not isinstance(norm_a, jax.core.Tracer) and not float(norm_a.reshape(())) > 0:
+        raise ShapeError(f"row_norm must be > 0 (the clamped norm of W_row - row_mean), got {float(norm_a.reshape(())):g}")
     terms = _token_terms_jit(cfg, static_k(k), params, buffers, h_a, w_a, mean_a, norm_a.reshape(()), x_a)
     active = np.flatnonzero(np.asarray(terms["code"]) != 0).astype(np.int32)
     return Decomposition(

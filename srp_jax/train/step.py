@@ -40,6 +40,25 @@ from .state import TrainState, controller_coeff_max
 CLIP_NORM = 1.0
 PRISM_DENOM_EPS = 1e-5
 L0_TRAIN_WINDOW = 1000
+# bit i of metrics["nonfinite"] says NONFINITE_TERMS[i] went NaN/Inf at that step
+NONFINITE_TERMS = ("reconstruction", "prism", "sparsity", "auxk", "loss", "grad", "parameters")
+
+
+def nonfinite_flags(values: dict[str, Any]) -> jax.Array:
+    """An int32 bitmask over :data:`NONFINITE_TERMS`: bit i set when ``values[name]`` (a scalar
+    or a pytree) holds a NaN/Inf. One fused reduction per term, returned with the metrics so the
+    host reads it at its own cadence (no extra device sync per step)."""
+    mask = jnp.zeros((), jnp.int32)
+    for bit, name in enumerate(NONFINITE_TERMS):
+        leaves = jax.tree.leaves(values[name])
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else True
+        mask = mask | jnp.where(finite, 0, 1 << bit).astype(jnp.int32)
+    return mask
+
+
+def describe_nonfinite(mask: int) -> tuple[str, ...]:
+    """The names of the terms set in a :func:`nonfinite_flags` mask (in the loss's order)."""
+    return tuple(name for bit, name in enumerate(NONFINITE_TERMS) if int(mask) >> bit & 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +204,7 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | No
             penalty = arch.sparsity_penalty(tcfg, terms, controller["coeff"] if spec.controller_on else None)
             if penalty is not None:
                 loss = loss + penalty
+            sparsity = (terms.aux, zero if penalty is None else penalty)
             buffers = terms.buffers
             prism = zero
             if spec.prism_on and batch.prism is not None:
@@ -198,7 +218,7 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | No
                 loss = loss + tcfg.auxk_coeff * aux_k
             fired = jnp.any(code > 0, axis=0)
             extras = {
-                "rec": terms.rec, "prism": prism, "aux": terms.aux, "auxk": aux_k, "step_l0": step_l0,
+                "rec": terms.rec, "prism": prism, "aux": terms.aux, "auxk": aux_k, "step_l0": step_l0, "sparsity": sparsity,
                 "controller": controller, "buffers": buffers, "fired": fired,
             }
             return loss, extras
@@ -220,7 +240,13 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | No
             l0_sum=state.l0_sum + jnp.where(in_window, ex["step_l0"], 0.0),
             l0_count=state.l0_count + in_window.astype(jnp.int32),
         )
+        grad_norm = optax.tree.norm(grads)
+        nonfinite = nonfinite_flags({
+            "reconstruction": ex["rec"], "prism": ex["prism"], "sparsity": ex["sparsity"], "auxk": ex["auxk"],
+            "loss": loss, "grad": grad_norm, "parameters": params,
+        })  # fmt: skip
         metrics = {
+            "nonfinite": nonfinite,
             "loss": loss,
             "reconstruction_loss": ex["rec"],
             "prism_loss": ex["prism"],
@@ -229,7 +255,7 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | No
             "mean_l0": ex["step_l0"],
             "lr": learning_rate(tcfg, step),
             "lambda_prism": lam,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "dead_fraction": jnp.mean((since_fired >= tcfg.auxk_dead_steps).astype(jnp.float32)),
             "l0_coeff": ex["controller"]["coeff"],
         }
@@ -255,6 +281,9 @@ train_step_jit = compiled(train_step, static_argnums=0)  # no donation: callers 
 
 
 __all__ = [
+    "NONFINITE_TERMS",
+    "nonfinite_flags",
+    "describe_nonfinite",
     "StepSpec",
     "TrainData",
     "Batch",
