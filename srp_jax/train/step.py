@@ -241,7 +241,8 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | No
 def sample_batch_for(spec: StepSpec, data: TrainData, rng: jax.Array, step: Any) -> Batch:
     """The batch of update ``step`` for ``spec`` (no prism batch when the prism term is off)."""
     return sample_batch(
-        data, rng, step, batch_size=spec.training.batch_size, prism_batch=spec.prism_batch if spec.prism_on else 0
+        data, rng, step, batch_size=spec.training.batch_size, prism_batch=spec.prism_batch if spec.prism_on else 0,
+        row_sampler=spec.training.row_sampler,
     )
 
 
