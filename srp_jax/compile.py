@@ -15,6 +15,13 @@ from typing import Any
 
 import jax
 
+from .errors import ConfigError
+
+#: ``training.step_strategy`` values: ``auto`` resolves per backend in :func:`resolve_step_strategy`
+STEP_STRATEGIES = ("auto", "dense", "sparse")
+#: backends whose ``auto`` step is the sparse one (measured: docs/performance.md)
+SPARSE_STEP_BACKENDS = ("cpu",)
+
 
 def compiled(
     fn: Callable | None = None,
@@ -45,4 +52,32 @@ def compile_step(
     return jax.jit(step, **kwargs)
 
 
-__all__ = ["compiled", "compile_step"]
+def resolve_step_strategy(
+    requested: str, *, sparse_supported: bool, backend: str | None = None, sharded: bool = False, what: str = ""
+) -> str:
+    """The train step's strategy, ``"dense"`` or ``"sparse"``, decided here and nowhere else.
+
+    ``requested`` is ``training.step_strategy``; ``sparse_supported`` whether the architecture
+    (at this k) has the sparse step (the TopK family with k < D); ``backend`` defaults to
+    ``jax.default_backend()``; ``sharded`` a step compiled for a device mesh (dense: its
+    partition rules are written for the dense products). ``auto`` is sparse on the backends of
+    :data:`SPARSE_STEP_BACKENDS` (CPU: gathers and scatter-adds of the k active rows beat dense
+    (B x D) products) and dense elsewhere (GPU / TPU run the dense products near peak, and
+    their scatter-adds are atomic, so not bitwise reproducible). An explicit ``sparse`` where
+    it cannot run raises ConfigError naming ``what``.
+    """
+    if requested not in STEP_STRATEGIES:
+        raise ConfigError(f"training.step_strategy must be one of {STEP_STRATEGIES}, got {requested!r}")
+    if requested == "dense":
+        return "dense"
+    if requested == "sparse":
+        if not sparse_supported:
+            raise ConfigError(f"training.step_strategy 'sparse' is not available for {what or 'this factorizer'}; use dense or auto")
+        if sharded:
+            raise ConfigError("training.step_strategy 'sparse' is not available on a sharded mesh; use dense or auto")
+        return "sparse"
+    backend = jax.default_backend() if backend is None else backend
+    return "sparse" if sparse_supported and not sharded and backend in SPARSE_STEP_BACKENDS else "dense"
+
+
+__all__ = ["compiled", "compile_step", "resolve_step_strategy", "STEP_STRATEGIES", "SPARSE_STEP_BACKENDS"]

@@ -19,6 +19,7 @@ from ._validate import as_int as _as_int
 from ._validate import as_list as _as_list  # noqa: F401 - kept for callers of the old private name
 from ._validate import as_str as _as_str
 from ._validate import unknown_keys as _unknown_keys
+from .compile import STEP_STRATEGIES
 from .errors import ConfigError
 from .factorizers.base import DEFAULT_K
 from .factorizers.registry import architecture_names, get_architecture, known_option
@@ -377,7 +378,9 @@ class TrainingConfig:
 
     ``lr_warmup_steps`` None = 5% of ``steps``; ``auxk_k`` None = d_model // 2.
     ``row_sampler`` (ours): ``inverse_cdf`` (O(B log V), default) or ``categorical`` (the
-    previous Gumbel-max draw, for reproducing older runs).
+    previous Gumbel-max draw, for reproducing older runs). ``step_strategy`` (ours): ``auto``
+    (default: the faster path for the backend, see ``docs/performance.md``), ``dense`` or
+    ``sparse`` (TopK family only).
     """
 
     steps: int = 100
@@ -405,6 +408,7 @@ class TrainingConfig:
     auxk_k: int | None = None
     auxk_dead_steps: int = 1000
     row_sampler: str = "inverse_cdf"
+    step_strategy: str = "auto"
 
     def __post_init__(self) -> None:
         p = "training."
@@ -438,6 +442,9 @@ class TrainingConfig:
         object.__setattr__(self, "auxk_dead_steps", _as_int(p + "auxk_dead_steps", self.auxk_dead_steps, minimum=1))
         validate_sampling_mode(self.row_sampling)
         object.__setattr__(self, "row_sampler", _as_str(p + "row_sampler", self.row_sampler, choices=ROW_SAMPLERS))
+        object.__setattr__(
+            self, "step_strategy", _as_str(p + "step_strategy", self.step_strategy, choices=STEP_STRATEGIES)
+        )
 
     @property
     def warmup_steps(self) -> int:
