@@ -43,10 +43,11 @@ def _setup(D=48, d=12, B=37, seed=0):
     return params, x / jnp.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("block", [1, 4, 16, 64])
+@pytest.mark.parametrize("block", [1, 4, 16, None])
 def test_kernels_match_dense_formulas_for_any_block(block, monkeypatch):
-    monkeypatch.setattr(S, "CPU_BLOCK_ROWS", block)
-    monkeypatch.setattr(S, "CPU_ENCODE_ROWS", max(1, block // 2))
+    # budgets in floats: 1 row, 4 rows (k 5, d 12), 16 rows, one block
+    monkeypatch.setattr(S, "CPU_BLOCK_ELEMENTS", None if block is None else block * 5 * 12)
+    monkeypatch.setattr(S, "CPU_ENCODE_ELEMENTS", None if block is None else max(1, block // 2) * 48)
     params, x = _setup()
     k, D = 5, 48
     code = S.topk_codes(params, x, k)
@@ -197,6 +198,7 @@ def test_compiled_sparse_steps_track_the_dense_run():
 
 def test_strategy_resolution_per_backend_architecture_and_mesh():
     assert resolve_step_strategy("auto", sparse_supported=True, backend="cpu") == "sparse"
+    assert resolve_step_strategy("auto", sparse_supported=True, sparse_fraction=0.5, backend="cpu") == "dense"
     for backend in ("gpu", "tpu", "cuda"):
         assert resolve_step_strategy("auto", sparse_supported=True, backend=backend) == "dense"
     assert resolve_step_strategy("auto", sparse_supported=False, backend="cpu") == "dense"
@@ -212,23 +214,29 @@ def test_strategy_resolution_per_backend_architecture_and_mesh():
 
 
 @pytest.mark.parametrize(
-    "fkw, available",
+    "fkw, available, auto_sparse",
     [
-        (dict(architecture="topk", d_features=32, k=4), True),
-        (dict(architecture="topk", d_features=32, k=32), False),  # k >= D: the code is dense
-        (dict(architecture="matryoshka_topk", d_features=32, k=4, k_values=(4, 40)), False),
-        (dict(architecture="matryoshka_topk", d_features=32, k=4, k_values=(2, 8)), True),
-        (dict(architecture="batch_topk", d_features=32, k=4), False),
-        (dict(architecture="jumprelu", d_features=32), False),
-        (dict(architecture="gated", d_features=32), False),
-        (dict(architecture="l1_relu", d_features=32), False),
+        (dict(architecture="topk", d_features=32, k=4), True, True),  # work 4/32 = 1/8
+        (dict(architecture="topk", d_features=32, k=5), True, False),  # 5/32 > 1/8: dense is cheaper
+        (dict(architecture="topk", d_features=32, k=32), False, False),  # k >= D: the code is dense
+        (dict(architecture="matryoshka_topk", d_features=32, k=4, k_values=(4, 40)), False, False),
+        (dict(architecture="matryoshka_topk", d_features=64, k=4, k_values=(2, 4)), True, True),  # 4 x 2 / 64
+        # the smoke config: widest code 64, three reconstructions, D 1024 -> 3/16: dense
+        (dict(architecture="matryoshka_topk", d_features=1024, k=32, k_values=(16, 32, 64)), True, False),
+        (dict(architecture="batch_topk", d_features=32, k=4), False, False),
+        (dict(architecture="jumprelu", d_features=32), False, False),
+        (dict(architecture="gated", d_features=32), False, False),
+        (dict(architecture="l1_relu", d_features=32), False, False),
     ],
 )
-def test_which_architectures_have_the_sparse_step(fkw, available):
+def test_which_architectures_have_the_sparse_step(fkw, available, auto_sparse):
     fcfg = FactorizerConfig(**fkw)
     assert F.sparse_step_available(fcfg, fcfg.k) is available
     spec = StepSpec.build(fcfg, TrainingConfig(step_strategy="auto"), 8, 10, backend="cpu")
-    assert spec.strategy == ("sparse" if available else "dense")
-    if not available:
+    assert spec.strategy == ("sparse" if auto_sparse else "dense")
+    assert StepSpec.build(fcfg, TrainingConfig(step_strategy="auto"), 8, 10, backend="gpu").strategy == "dense"
+    if available:
+        assert StepSpec.build(fcfg, TrainingConfig(step_strategy="sparse"), 8, 10).strategy == "sparse"
+    else:
         with pytest.raises(ConfigError, match="not available"):
             StepSpec.build(fcfg, TrainingConfig(step_strategy="sparse"), 8, 10)

@@ -46,6 +46,7 @@ from .functional import (
     sparse_encode,
     sparse_reconstruction_loss,
     sparse_step_available,
+    sparse_work_fraction,
 )
 from .gated import Gated
 from .jumprelu import JumpReLU
@@ -111,6 +112,7 @@ __all__ = [
     "SparseCode",
     "sparse",
     "sparse_step_available",
+    "sparse_work_fraction",
     "sparse_encode",
     "sparse_reconstruction_loss",
     "Params",

@@ -183,6 +183,11 @@ class Architecture:
         ``sparse_step`` and a budget of 1 <= k < D, where the code is really sparse)."""
         return self.sparse_step and 1 <= cfg.resolve_k(k) < cfg.d_features
 
+    def sparse_work_fraction(self, cfg: FactorizerConfig, k: int | None) -> float:
+        """The sparse step's gather / scatter work relative to the dense decode's: the code
+        width times the number of reconstructions the loss takes, over D (default k / D)."""
+        return cfg.resolve_k(k) / cfg.d_features
+
     def sparse_encode(
         self, cfg: FactorizerConfig, params: Params, buffers: Buffers, x: jax.Array, k: int | None, train: bool
     ) -> tuple[S.SparseCode, Buffers]:

@@ -70,6 +70,12 @@ def sparse_step_available(cfg: Any, k: int | None = None) -> bool:
     return architecture_of(cfg).sparse_step_available(cfg, k)
 
 
+def sparse_work_fraction(cfg: Any, k: int | None = None) -> float:
+    """The sparse step's gather / scatter work relative to the dense decode (see
+    :func:`srp_jax.compile.resolve_step_strategy`)."""
+    return architecture_of(cfg).sparse_work_fraction(cfg, k)
+
+
 def sparse_encode(
     cfg: Any, params: Params, buffers: Buffers, x: jax.Array, k: int | None = None, *, train: bool = True
 ) -> tuple[SparseCode, Buffers]:
@@ -104,6 +110,7 @@ __all__ = [
     "forward",
     "reconstruction_loss",
     "sparse_step_available",
+    "sparse_work_fraction",
     "sparse_encode",
     "sparse_reconstruction_loss",
     "check_ready",

@@ -18,7 +18,7 @@ gradient need only the k selected decoder rows and encoder columns of each examp
 
 Every function equals its dense counterpart (``topk_mask`` + ``decode``) up to float
 summation order. Loops: on CPU the gathers and scatter-adds run over blocks of
-``block_rows`` examples (:func:`default_block_rows`), so the (block, k, d) rows they touch stay
+rows (:func:`default_block_rows`), so the (block, k, d) rows they touch stay
 in cache and no (B, k, d) array is ever materialised; on accelerators one block is the whole
 batch. All loops are sequential, so results are deterministic (bitwise resume).
 """
@@ -33,12 +33,13 @@ import jax.numpy as jnp
 
 from .kernels import HIGHEST, Params
 
-#: rows per block of the gather / scatter-add loops on CPU (measured: 8-32 keep a block's
-#: (rows, k, d) working set in the L2 cache at d 576, k 128; see docs/performance.md)
-CPU_BLOCK_ROWS = 16
-#: rows per block of the encoder forward + top-k on CPU: a (rows, D) block of pre-activations
-#: stays in the last-level cache instead of a (B, D) array in fresh memory every step
-CPU_ENCODE_ROWS = 512
+#: working set (floats) of one block of the gather / scatter-add loops on CPU: rows * k * d
+#: (measured best at 8-32 rows for d 576, k 128: the block's rows stay in cache; see
+#: docs/performance.md). ``None`` forces one block (the whole batch).
+CPU_BLOCK_ELEMENTS: int | None = 1 << 20
+#: working set (floats) of one block of the encoder forward + top-k on CPU: rows * D (a block
+#: of pre-activations stays in the last-level cache instead of a (B, D) array in fresh memory)
+CPU_ENCODE_ELEMENTS: int | None = 1 << 22
 
 
 class SparseCode(NamedTuple):
@@ -58,14 +59,22 @@ class CodeStats(NamedTuple):
     fired: jax.Array
 
 
-def default_block_rows(batch: int) -> int:
-    """Rows per gather / scatter block: :data:`CPU_BLOCK_ROWS` on CPU, the whole batch elsewhere."""
-    return min(CPU_BLOCK_ROWS, batch) if jax.default_backend() == "cpu" else batch
+def _rows_for(budget: int | None, batch: int, per_row: int) -> int:
+    if budget is None or jax.default_backend() != "cpu":
+        return batch
+    return max(1, min(batch, budget // max(1, per_row)))
 
 
-def default_encode_rows(batch: int) -> int:
-    """Rows per encoder-forward block: :data:`CPU_ENCODE_ROWS` on CPU, the whole batch elsewhere."""
-    return min(CPU_ENCODE_ROWS, batch) if jax.default_backend() == "cpu" else batch
+def default_block_rows(batch: int, k: int, d: int) -> int:
+    """Rows per gather / scatter block: a working set of :data:`CPU_BLOCK_ELEMENTS` floats on
+    CPU, the whole batch on accelerators (one large gather / scatter-add)."""
+    return _rows_for(CPU_BLOCK_ELEMENTS, batch, k * d)
+
+
+def default_encode_rows(batch: int, width: int) -> int:
+    """Rows per encoder-forward block: :data:`CPU_ENCODE_ELEMENTS` pre-activations on CPU, the
+    whole batch on accelerators."""
+    return _rows_for(CPU_ENCODE_ELEMENTS, batch, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ def scatter_add_rows(coef: jax.Array, rows: jax.Array, indices: jax.Array, width
     (B, k), rows (B, d). The transpose of a gather; sequential over row blocks."""
     B, k = indices.shape
     d = rows.shape[-1]
-    block = default_block_rows(B) if block is None else block
+    block = default_block_rows(B, k, d) if block is None else block
     (cb, rb, ib), n = _blocked([coef, rows, indices], block)
 
     def add(acc, c, r, i):
@@ -131,14 +140,14 @@ def scatter_add_values(values: jax.Array, indices: jax.Array, width: int) -> jax
 
 def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
     """``sum_s coef[b, s] * table[indices[b, s]]`` (B, d): the sparse decode kernel."""
-    block = default_block_rows(indices.shape[0]) if block is None else block
+    block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
     fn = lambda c, i: (jnp.einsum("bk,bkd->bd", c, _gather(table, i), precision=HIGHEST),)  # noqa: E731
     return _map_blocks(fn, [coef, indices], ((table.shape[1],),), block)[0]
 
 
 def dot_rows(table: jax.Array, probe: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
     """``table[indices[b, s]] . probe[b]`` (B, k): the transpose of :func:`combine_rows` in coef."""
-    block = default_block_rows(indices.shape[0]) if block is None else block
+    block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
     fn = lambda p, i: (jnp.einsum("bd,bkd->bk", p, _gather(table, i), precision=HIGHEST),)  # noqa: E731
     return _map_blocks(fn, [probe, indices], ((indices.shape[1],),), block)[0]
 
@@ -158,7 +167,7 @@ def _select_block(kernel, bias, x, mask, k):
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _topk_select(kernel, bias, x, mask, k):
     B = x.shape[0]
-    block = default_encode_rows(B)
+    block = default_encode_rows(B, kernel.shape[1])
     (xb,), n = _blocked([x], block)
     if n == 1:
         values, indices = _select_block(kernel, bias, xb, mask, k)
@@ -246,7 +255,7 @@ def _level_errors(decoder, values, indices, target, levels, block):
             q.append(jnp.where(slot < kl, jnp.einsum("bd,bkd->bk", r, rows, precision=HIGHEST), 0.0))
         return jnp.stack(errs, 1), jnp.stack(resid, 1), jnp.stack(q, 1)
 
-    block = default_block_rows(values.shape[0]) if block is None else block
+    block = default_block_rows(values.shape[0], k, d) if block is None else block
     e, r, q = _map_blocks(fn, [values, indices, target], ((L,), (L, d), (L, k)), block)
     return e.T, jnp.moveaxis(r, 1, 0), jnp.moveaxis(q, 1, 0)
 
@@ -347,10 +356,12 @@ def to_dense(code: SparseCode, width: int) -> jax.Array:
 
 
 __all__ = [
-    "CPU_BLOCK_ROWS",
+    "CPU_BLOCK_ELEMENTS",
+    "CPU_ENCODE_ELEMENTS",
     "SparseCode",
     "CodeStats",
     "default_block_rows",
+    "default_encode_rows",
     "scatter_add_rows",
     "scatter_add_values",
     "combine_rows",

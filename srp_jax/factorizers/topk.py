@@ -60,6 +60,10 @@ class MatryoshkaTopK(TopK):
         ks, _ = self.loss_k_values(cfg)
         return super().sparse_step_available(cfg, k) and all(kj < cfg.d_features for kj in ks)
 
+    def sparse_work_fraction(self, cfg, k):
+        ks, _ = self.loss_k_values(cfg)
+        return max(max(ks) * len(ks), cfg.resolve_k(k)) / cfg.d_features if ks else super().sparse_work_fraction(cfg, k)
+
     def sparse_reconstruction_loss(self, cfg, params, buffers, x, k, train):
         """The weighted Matryoshka MSE from one TopK code at max(k_values): the code at each
         k_j is its prefix (values are descending, ties to the lower index, as ``top_k``)."""

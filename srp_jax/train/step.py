@@ -102,6 +102,7 @@ class StepSpec:
             strategy=resolve_step_strategy(
                 training.step_strategy,
                 sparse_supported=F.sparse_step_available(factorizer, factorizer.k),
+                sparse_fraction=F.sparse_work_fraction(factorizer, factorizer.k),
                 backend=backend,
                 sharded=sharded,
                 what=f"architecture {factorizer.architecture!r} (k {factorizer.resolve_k(factorizer.k)}, D {factorizer.d_features})",
