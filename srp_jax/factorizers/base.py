@@ -188,6 +188,19 @@ class Architecture:
         width times the number of reconstructions the loss takes, over D (default k / D)."""
         return cfg.resolve_k(k) / cfg.d_features
 
+    def sparse_code_available(self, cfg: FactorizerConfig, k: int | None) -> bool:
+        """Whether :meth:`sparse_code` gives the eval-mode code exactly (at most k active per
+        row, 1 <= k < D)."""
+        return self.at_most_k_active and self.sparse_step and 1 <= cfg.resolve_k(k) < cfg.d_features
+
+    def sparse_code(
+        self, cfg: FactorizerConfig, params: Params, buffers: Buffers, x: jax.Array, k: int | None
+    ) -> S.SparseCode:
+        """The eval-mode code of ``encode`` as (values, indices) (B, k) (the fast encode of
+        decompositions, code tables and full-vocabulary reconstruction). Default: the
+        training-mode sparse code, for architectures whose code does not depend on the mode."""
+        return self.sparse_encode(cfg, params, buffers, x, k, False)[0]
+
     def sparse_encode(
         self, cfg: FactorizerConfig, params: Params, buffers: Buffers, x: jax.Array, k: int | None, train: bool
     ) -> tuple[S.SparseCode, Buffers]:

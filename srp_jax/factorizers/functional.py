@@ -76,6 +76,17 @@ def sparse_work_fraction(cfg: Any, k: int | None = None) -> float:
     return architecture_of(cfg).sparse_work_fraction(cfg, k)
 
 
+def sparse_code_available(cfg: Any, k: int | None = None) -> bool:
+    """Whether :func:`sparse_code` gives ``encode``'s code exactly (the TopK family, k < D)."""
+    return architecture_of(cfg).sparse_code_available(cfg, k)
+
+
+def sparse_code(cfg: Any, params: Params, buffers: Buffers, x: jax.Array, k: int | None = None) -> SparseCode:
+    """The eval-mode code of rows x (B, d) as (values, indices) (B, k), values descending:
+    ``encode`` without the dense (B, D) code (see :func:`sparse_code_available`)."""
+    return architecture_of(cfg).sparse_code(cfg, params, buffers, x, k)
+
+
 def sparse_encode(
     cfg: Any, params: Params, buffers: Buffers, x: jax.Array, k: int | None = None, *, train: bool = True
 ) -> tuple[SparseCode, Buffers]:
@@ -111,6 +122,8 @@ __all__ = [
     "reconstruction_loss",
     "sparse_step_available",
     "sparse_work_fraction",
+    "sparse_code_available",
+    "sparse_code",
     "sparse_encode",
     "sparse_reconstruction_loss",
     "check_ready",

@@ -349,10 +349,25 @@ def dense_code_stats(code: jax.Array) -> CodeStats:
     )
 
 
+def by_feature(code: SparseCode, width: int) -> SparseCode:
+    """The same code laid out for reading: nonzero entries ascending by feature index, then
+    padding (index -1, value 0). ``width`` is D."""
+    key = jnp.where(code.values != 0, code.indices, width)
+    key, values, indices = jax.lax.sort((key, code.values, code.indices), dimension=code.values.ndim - 1, num_keys=1)
+    valid = key < width
+    return SparseCode(jnp.where(valid, values, 0.0), jnp.where(valid, indices, -1).astype(jnp.int32))
+
+
+def safe_indices(indices: jax.Array) -> jax.Array:
+    """Padding indices (-1) replaced by 0, for gathers whose padded coefficients are 0."""
+    return jnp.where(indices >= 0, indices, 0)
+
+
 def to_dense(code: SparseCode, width: int) -> jax.Array:
-    """The dense (B, width) code (zeros outside the active entries)."""
+    """The dense (B, width) code (zeros outside the active entries; padding -1 is dropped)."""
     B = code.values.shape[0]
-    return jnp.zeros((B, width), code.values.dtype).at[jnp.arange(B)[:, None], code.indices].set(code.values)
+    idx = jnp.where(code.indices >= 0, code.indices, width)
+    return jnp.zeros((B, width), code.values.dtype).at[jnp.arange(B)[:, None], idx].set(code.values, mode="drop")
 
 
 __all__ = [
@@ -373,5 +388,7 @@ __all__ = [
     "probe_dots",
     "code_stats",
     "dense_code_stats",
+    "by_feature",
+    "safe_indices",
     "to_dense",
 ]
