@@ -1,0 +1,228 @@
+"""The srp-jax side of the benchmark: the one module that calls srp-jax.
+
+Everything the benchmark (and ``tests/test_bench.py``) does with srp-jax goes through these
+functions, so when srp-jax's step changes (``train_step(state, batch)`` with sampling outside
+it, a selectable sparse/dense strategy) only this file changes. It uses the public API as it
+is today: ``srp_jax.train.step`` (``StepSpec.build``, ``TrainData``, ``make_optimizer``,
+``train_step_jit``), ``srp_jax.train.state.init_train_state``, ``srp_jax.decompose_token_logit``,
+``srp_jax.decompose_tokens``, ``srp_jax.Readout`` and ``srp_jax.metrics.reconstruct_rows``.
+
+Arrays come in the framework-free layout of :mod:`bench.common` (``synthetic_arrays``) and
+parameters in the reference's state-dict layout (``encoder.weight`` (D, d), ``encoder.bias``,
+``decoder``), so the torch side can hold identical values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import srp_jax
+from srp_jax.config import FactorizerConfig, TrainingConfig
+from srp_jax.dictionary import Dictionary
+from srp_jax.metrics import reconstruct_rows
+from srp_jax.train.state import init_train_state
+from srp_jax.train.step import StepSpec, TrainData, make_optimizer, sample_row_indices, train_step_jit
+
+from .common import CODE_L2, LAMBDA_PRISM, LR, WEIGHT_DECAY, Shape
+
+# Strategies srp-jax's train step offers today. The lead's sparse-aware step adds more; list
+# them here and pass ``strategy`` through in ``make_step``.
+STRATEGIES = ("dense",)
+DEFAULT_STRATEGY = "dense"
+
+
+def _check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown srp-jax step strategy {strategy!r}; this srp-jax offers {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def configs(shape: Shape, *, prism: bool = True, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
+            lambda_prism: float = LAMBDA_PRISM, code_l2: float = CODE_L2, steps: int = 1_000_000):
+    """(FactorizerConfig, TrainingConfig) of a plain TopK run of ``shape`` (constant lr and
+    lambda, the shipped trainer's schedule)."""
+    fcfg = FactorizerConfig(architecture="topk", d_features=shape.D, k=shape.k)
+    tcfg = TrainingConfig(
+        steps=steps, batch_size=shape.batch, lr=lr, weight_decay=weight_decay,
+        lambda_prism=lambda_prism if prism else 0.0, code_l2=code_l2,
+    )
+    return fcfg, tcfg
+
+
+def train_data(arrays: dict[str, Any]) -> TrainData:
+    """srp-jax's device arrays for the step, from :func:`bench.common.synthetic_arrays`-style arrays."""
+    ds = SimpleNamespace(
+        rows_normalized=arrays["rows_normalized"], W_U=arrays["W_U"], row_mean=arrays["row_mean"],
+        row_norms=arrays["row_norms"], hidden_train=arrays["hidden"], top_targets=arrays["top_targets"],
+    )
+    return TrainData.from_dataset(ds, arrays["sample_weights"], prism_ranks=1)
+
+
+def params_from_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """Reference layout -> srp-jax params (kernel = encoder.weight^T)."""
+    return {
+        "encoder": {
+            "kernel": jnp.asarray(np.asarray(state["encoder.weight"], np.float32).T),
+            "bias": jnp.asarray(np.asarray(state["encoder.bias"], np.float32)),
+        },
+        "decoder": jnp.asarray(np.asarray(state["decoder"], np.float32)),
+    }
+
+
+def state_dict_from_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
+    """srp-jax params -> reference layout (NumPy)."""
+    return {
+        "encoder.weight": np.asarray(params["encoder"]["kernel"]).T.copy(),
+        "encoder.bias": np.asarray(params["encoder"]["bias"]).copy(),
+        "decoder": np.asarray(params["decoder"]).copy(),
+    }
+
+
+@dataclasses.dataclass
+class SrpTrainer:
+    """A ready-to-run srp-jax training step: ``spec`` (static), ``data``, ``state``.
+
+    ``step()`` runs one update and returns only when it is done (metrics as floats).
+    """
+
+    spec: StepSpec
+    data: TrainData
+    state: Any
+    strategy: str = DEFAULT_STRATEGY
+
+    def step(self) -> dict[str, float]:
+        self.state, metrics = train_step_jit(self.spec, self.state, self.data)
+        jax.block_until_ready((self.state, metrics))
+        return {"loss": float(metrics["loss"]), "reconstruction_loss": float(metrics["reconstruction_loss"]),
+                "prism_loss": float(metrics["prism_loss"])}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.state.params
+
+
+def make_step(shape: Shape, arrays: dict[str, Any], *, strategy: str = DEFAULT_STRATEGY, prism: bool = True,
+              seed: int = 0, init_state: dict[str, Any] | None = None, **hyper: Any) -> SrpTrainer:
+    """Build srp-jax's train step for ``shape`` on ``arrays``; ``init_state`` (reference layout)
+    replaces the random initial parameters (the optimizer state is built for them)."""
+    _check_strategy(strategy)
+    fcfg, tcfg = configs(shape, prism=prism, **hyper)
+    spec = StepSpec.build(fcfg, tcfg, shape.d, int(np.shape(arrays["hidden"])[0]))
+    optimizer = make_optimizer(tcfg)
+    state = init_train_state(seed, fcfg, tcfg, shape.d, optimizer)
+    if init_state is not None:
+        params = params_from_state_dict(init_state)
+        state = state.replace(params=params, opt_state=optimizer.init(params))
+    return SrpTrainer(spec, train_data(arrays), state, strategy)
+
+
+def replay_indices(trainer: SrpTrainer, step: int | None = None) -> dict[str, np.ndarray]:
+    """The draws srp-jax's step number ``step`` (1-based; default: the next one) makes today:
+    ``rows`` (B,), ``hidden`` (Bp,), ``ranks`` (Bp,). Mirrors ``srp_jax.train.step``'s key use
+    (fold_in(rng, step) -> split -> categorical rows; the prism key split -> randint), so a
+    torch step can be fed the same batch. When sampling moves out of the step, return the batch
+    the new sampler draws instead."""
+    spec, data, state = trainer.spec, trainer.data, trainer.state
+    t = int(state.step) + 1 if step is None else int(step)
+    key = jax.random.fold_in(state.rng, t)
+    k_rows, k_prism = jax.random.split(key)
+    rows = sample_row_indices(k_rows, data.sample_logits, spec.training.batch_size)
+    k_h, k_r = jax.random.split(k_prism)
+    n_hidden, n_ranks = data.top_targets.shape
+    hidden = jax.random.randint(k_h, (spec.prism_batch,), 0, n_hidden)
+    ranks = jax.random.randint(k_r, (spec.prism_batch,), 0, n_ranks)
+    return {"rows": np.asarray(rows), "hidden": np.asarray(hidden), "ranks": np.asarray(ranks)}
+
+
+# --------------------------------------------------------------------------------------------
+# Decomposition and reconstruction
+
+
+def make_dictionary(state: dict[str, Any], k: int) -> Dictionary:
+    """An eval-mode TopK :class:`srp_jax.Dictionary` holding reference-layout parameters."""
+    D, d = np.shape(state["decoder"])
+    cfg = FactorizerConfig(architecture="topk", d_features=int(D), k=int(k))
+    return Dictionary(config=cfg, params=params_from_state_dict(state), buffers={}, d_model=int(d))
+
+
+def make_readout(arrays: dict[str, Any]) -> srp_jax.Readout:
+    """The readout prepared once (all rows, the arrays' row mean)."""
+    return srp_jax.Readout.from_weights(arrays["W_U"], row_mean=arrays["row_mean"])
+
+
+def decompose_per_query(dictionary: Dictionary, arrays: dict[str, Any], h: np.ndarray, token: int) -> tuple[float, float]:
+    """One reference-style call ``srp_jax.decompose_token_logit``; returns (feature_sum, residual)."""
+    out = srp_jax.decompose_token_logit(
+        h=h, W_row=arrays["W_U"][token], row_mean=arrays["row_mean"], row_norm=arrays["row_norms"][token],
+        row_normalized=arrays["rows_normalized"][token], model=dictionary, k=dictionary.config.k,
+    )
+    return float(out.feature_sum), float(out.residual_term)
+
+
+def decompose_batched(dictionary: Dictionary, readout: srp_jax.Readout, H: Any, token_ids: Any, *,
+                      sparse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``srp_jax.decompose_tokens`` over a batch (one jitted call); returns (feature_sum (B,),
+    residual (B,)) as NumPy, i.e. after the work is done."""
+    out = srp_jax.decompose_tokens(H, token_ids, readout, dictionary, dictionary.config.k, sparse=sparse)
+    jax.block_until_ready(out)
+    return np.asarray(out.feature_sum), np.asarray(out.residual_term)
+
+
+def reconstruct_all(dictionary: Dictionary, arrays: dict[str, Any], row_batch: int = 1024) -> jax.Array:
+    """Encode + decode every row (``srp_jax.metrics.reconstruct_rows``, blocks of ``row_batch``);
+    returns the normalized-row reconstruction (V, d) once it is computed."""
+    recon_x, recon_W, _, _ = reconstruct_rows(
+        dictionary, arrays["rows_normalized"], arrays["row_mean"], arrays["row_norms"], dictionary.config.k,
+        row_batch=row_batch,
+    )
+    jax.block_until_ready((recon_x, recon_W))
+    return recon_x
+
+
+def matmul_seconds(n: int, repeats: int = 3) -> list[float]:
+    """Seconds of a jitted float32 (n x n) @ (n x n) (HIGHEST precision, as srp-jax runs its
+    matmuls), after one warm-up."""
+    import time
+
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f(a, b).block_until_ready()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def versions() -> dict[str, str]:
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "srp_jax": srp_jax.__version__,
+            "jax_backend": jax.default_backend(), "jax_devices": str(jax.devices())}
+
+
+__all__ = [
+    "STRATEGIES",
+    "DEFAULT_STRATEGY",
+    "configs",
+    "train_data",
+    "params_from_state_dict",
+    "state_dict_from_params",
+    "SrpTrainer",
+    "make_step",
+    "replay_indices",
+    "make_dictionary",
+    "make_readout",
+    "decompose_per_query",
+    "decompose_batched",
+    "reconstruct_all",
+    "matmul_seconds",
+]
