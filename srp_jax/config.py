@@ -19,6 +19,7 @@ from ._validate import as_int as _as_int
 from ._validate import as_list as _as_list  # noqa: F401 - kept for callers of the old private name
 from ._validate import as_str as _as_str
 from ._validate import unknown_keys as _unknown_keys
+from .compile import STEP_STRATEGIES
 from .errors import ConfigError
 from .factorizers.base import DEFAULT_K
 from .factorizers.registry import architecture_names, get_architecture, known_option
@@ -220,6 +221,8 @@ def resolve_eval_k(evaluation: EvaluationConfig | Mapping[str, Any] | None, fact
 RUN_BLOCKS = ("run", "data", "model", "factorizer", "training", "evaluation", "artifacts", "autoresearch", "mesh")
 SWEEP_KEYS = ("grid", "output_root", "fixed")
 INIT_MODES = ("random", "row_seeded")
+# training.row_sampler: how rows are drawn from the row-sampling weights (srp_jax.train.sampling)
+ROW_SAMPLERS = ("inverse_cdf", "categorical")
 LR_SCHEDULES = ("constant", "warmup_cosine")
 LAMBDA_MODES = ("constant", "delayed_ramp")
 DATA_FALLBACKS = ("synthetic", "error")
@@ -374,6 +377,10 @@ class TrainingConfig:
     random init, no AuxK); the paper-recipe switches are opt-in (spec decision 2).
 
     ``lr_warmup_steps`` None = 5% of ``steps``; ``auxk_k`` None = d_model // 2.
+    ``row_sampler`` (ours): ``inverse_cdf`` (O(B log V), default) or ``categorical`` (the
+    previous Gumbel-max draw, for reproducing older runs). ``step_strategy`` (ours): ``auto``
+    (default: the faster path for the backend, see ``docs/performance.md``), ``dense`` or
+    ``sparse`` (TopK family only).
     """
 
     steps: int = 100
@@ -400,6 +407,8 @@ class TrainingConfig:
     auxk_coeff: float = 0.0
     auxk_k: int | None = None
     auxk_dead_steps: int = 1000
+    row_sampler: str = "inverse_cdf"
+    step_strategy: str = "auto"
 
     def __post_init__(self) -> None:
         p = "training."
@@ -432,6 +441,10 @@ class TrainingConfig:
         object.__setattr__(self, "auxk_k", _as_int(p + "auxk_k", self.auxk_k, minimum=1, allow_none=True))
         object.__setattr__(self, "auxk_dead_steps", _as_int(p + "auxk_dead_steps", self.auxk_dead_steps, minimum=1))
         validate_sampling_mode(self.row_sampling)
+        object.__setattr__(self, "row_sampler", _as_str(p + "row_sampler", self.row_sampler, choices=ROW_SAMPLERS))
+        object.__setattr__(
+            self, "step_strategy", _as_str(p + "step_strategy", self.step_strategy, choices=STEP_STRATEGIES)
+        )
 
     @property
     def warmup_steps(self) -> int:

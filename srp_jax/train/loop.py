@@ -39,7 +39,7 @@ from ..progress import Progress
 from ..checkpoint import save_dictionary
 from ..data import load_prism_dataset, row_sampling_weights
 from ..dictionary import Dictionary, load_dictionary
-from ..metrics import evaluate, metrics_to_jsonable
+from ..metrics import evaluate, feature_usage, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError
 from .compiled import compile_training
@@ -296,12 +296,7 @@ def _usage_counts(dictionary, dataset, evaluation, chunk: int = 1024) -> np.ndar
     """How many evaluated rows (the first ``max_eval_rows``) use each feature at the audit k."""
     k = resolve_eval_k(evaluation, dictionary.config)
     n_rows = min(int(evaluation.max_eval_rows or dataset.vocab_size), dataset.vocab_size)
-    counts = np.zeros(dictionary.d_features, np.int64)
-    X = np.asarray(dataset.rows_normalized[:n_rows])
-    for s in range(0, n_rows, chunk):
-        code = F.encode_jit(dictionary.config, dictionary.params, dictionary.buffers, jnp.asarray(X[s : s + chunk]), k)
-        counts += np.asarray(jnp.sum(code > 0, axis=0), np.int64)
-    return counts
+    return feature_usage(dictionary, np.asarray(dataset.rows_normalized[:n_rows]), k, row_batch=chunk)
 
 
 def train(
