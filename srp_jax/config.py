@@ -9,6 +9,7 @@ arguments of jitted functions. The full run configuration (``run``, ``data``, ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -221,6 +222,8 @@ def resolve_eval_k(evaluation: EvaluationConfig | Mapping[str, Any] | None, fact
 RUN_BLOCKS = ("run", "data", "model", "factorizer", "training", "evaluation", "artifacts", "autoresearch", "mesh")
 SWEEP_KEYS = ("grid", "output_root", "fixed")
 INIT_MODES = ("random", "row_seeded")
+# training.row_seeded_scale: the factor on the tied encoder kernel of a row-seeded init
+ROW_SEEDED_SCALES = ("least_squares", "inv_k", "inv_sqrt_k")
 # training.row_sampler: how rows are drawn from the row-sampling weights (srp_jax.train.sampling)
 ROW_SAMPLERS = ("inverse_cdf", "categorical")
 LR_SCHEDULES = ("constant", "warmup_cosine")
@@ -371,6 +374,19 @@ class L0ControllerConfig:
             raise ConfigError(f"{p}ema must be in [0, 1], got {self.ema}")
 
 
+def _row_seeded_scale(name: str, value: Any) -> str | float:
+    """One of ROW_SEEDED_SCALES, or a positive number (a fixed factor; 1.0 = the unscaled tie)."""
+    if isinstance(value, str) and value in ROW_SEEDED_SCALES:
+        return value
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{name} must be one of {', '.join(ROW_SEEDED_SCALES)} or a positive number, got {value!r}")
+    return number
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """``training:``. Defaults reproduce the shipped reference trainer (constant lr and lambda,
@@ -399,6 +415,7 @@ class TrainingConfig:
     gated_aux_coeff: float = 1.0
     l0_controller: L0ControllerConfig = dataclasses.field(default_factory=L0ControllerConfig)
     init_mode: str = "random"
+    row_seeded_scale: str | float = "least_squares"
     lr_schedule: str = "constant"
     lr_warmup_steps: int | None = None
     final_lr_frac: float = 0.1
@@ -429,6 +446,7 @@ class TrainingConfig:
             ctrl = _build(L0ControllerConfig, "training.l0_controller", ctrl)
         object.__setattr__(self, "l0_controller", ctrl)
         object.__setattr__(self, "init_mode", _as_str(p + "init_mode", self.init_mode, choices=INIT_MODES))
+        object.__setattr__(self, "row_seeded_scale", _row_seeded_scale(p + "row_seeded_scale", self.row_seeded_scale))
         object.__setattr__(self, "lr_schedule", _as_str(p + "lr_schedule", self.lr_schedule, choices=LR_SCHEDULES))
         object.__setattr__(self, "lambda_mode", _as_str(p + "lambda_mode", self.lambda_mode, choices=LAMBDA_MODES))
         object.__setattr__(
