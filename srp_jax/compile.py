@@ -22,6 +22,8 @@ from typing import Any
 
 import jax
 
+from .errors import ConfigError
+
 DATA = "data"  # the batch axis (training rows, evaluated vocabulary rows)
 MODEL = "model"  # the latent axis D (encoder columns, decoder rows)
 MESH_AXES = (DATA, MODEL)
@@ -82,6 +84,15 @@ class MeshJitted:
             return self.jitted.eval_shape(*args, **kwargs)
 
 
+#: ``training.step_strategy`` values: ``auto`` resolves per backend in :func:`resolve_step_strategy`
+STEP_STRATEGIES = ("auto", "dense", "sparse")
+#: backends whose ``auto`` step is the sparse one (measured: docs/performance.md)
+SPARSE_STEP_BACKENDS = ("cpu",)
+#: ``auto`` picks the sparse step when its gather / scatter work is at most this fraction of
+#: the dense decode's (code width x loss levels / D; measured crossover on CPU about 1/6)
+AUTO_SPARSE_MAX_FRACTION = 1 / 8
+
+
 def compiled(
     fn: Callable | None = None,
     *,
@@ -128,4 +139,43 @@ def compile_step(
     return jitted if mesh is None else MeshJitted(jitted, mesh)
 
 
-__all__ = ["DATA", "MODEL", "MESH_AXES", "compiled", "compile_step", "mesh_axis_size", "spread_rows", "mesh_context", "MeshJitted"]
+def resolve_step_strategy(
+    requested: str,
+    *,
+    sparse_supported: bool,
+    sparse_fraction: float = 0.0,
+    backend: str | None = None,
+    sharded: bool = False,
+    what: str = "",
+) -> str:
+    """The train step's strategy, ``"dense"`` or ``"sparse"``, decided here and nowhere else.
+
+    ``requested`` is ``training.step_strategy``; ``sparse_supported`` whether the architecture
+    (at this k) has the sparse step (the TopK family with k < D); ``sparse_fraction`` its
+    gather / scatter work relative to the dense decode (code width x loss levels / D);
+    ``backend`` defaults to ``jax.default_backend()``; ``sharded`` a step compiled for a device
+    mesh (dense: its partition rules are written for the dense products). ``auto`` is sparse on
+    the backends of :data:`SPARSE_STEP_BACKENDS` when ``sparse_fraction`` <=
+    :data:`AUTO_SPARSE_MAX_FRACTION` (CPU: gathers and scatter-adds of the k active rows beat
+    the dense (B x D) products once k is small against D) and dense elsewhere (GPU / TPU run
+    the dense products near peak, and their scatter-adds are atomic, so not bitwise
+    reproducible). An explicit ``sparse`` where it cannot run raises ConfigError naming ``what``.
+    """
+    if requested not in STEP_STRATEGIES:
+        raise ConfigError(f"training.step_strategy must be one of {STEP_STRATEGIES}, got {requested!r}")
+    if requested == "dense":
+        return "dense"
+    if requested == "sparse":
+        if not sparse_supported:
+            raise ConfigError(f"training.step_strategy 'sparse' is not available for {what or 'this factorizer'}; use dense or auto")
+        if sharded:
+            raise ConfigError("training.step_strategy 'sparse' is not available on a sharded mesh; use dense or auto")
+        return "sparse"
+    backend = jax.default_backend() if backend is None else backend
+    cheap = sparse_fraction <= AUTO_SPARSE_MAX_FRACTION
+    return "sparse" if sparse_supported and cheap and not sharded and backend in SPARSE_STEP_BACKENDS else "dense"
+
+
+__all__ = ["DATA", "MODEL", "MESH_AXES", "compiled", "compile_step", "mesh_axis_size", "spread_rows", "mesh_context",
+           "MeshJitted", "resolve_step_strategy", "STEP_STRATEGIES", "SPARSE_STEP_BACKENDS",
+           "AUTO_SPARSE_MAX_FRACTION"]

@@ -9,6 +9,7 @@ arguments of jitted functions. The full run configuration (``run``, ``data``, ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from ._validate import as_list as _as_list  # noqa: F401 - kept for callers of t
 from ._validate import as_str as _as_str
 from ._validate import expand_path
 from ._validate import unknown_keys as _unknown_keys
+from .compile import STEP_STRATEGIES
 from .errors import ConfigError
 from .factorizers.base import DEFAULT_K
 from .factorizers.registry import architecture_names, get_architecture, known_option
@@ -221,6 +223,10 @@ def resolve_eval_k(evaluation: EvaluationConfig | Mapping[str, Any] | None, fact
 RUN_BLOCKS = ("run", "data", "model", "factorizer", "training", "evaluation", "artifacts", "autoresearch", "mesh")
 SWEEP_KEYS = ("grid", "output_root", "fixed")
 INIT_MODES = ("random", "row_seeded")
+# training.row_seeded_scale: the factor on the tied encoder kernel of a row-seeded init
+ROW_SEEDED_SCALES = ("least_squares", "inv_k", "inv_sqrt_k")
+# training.row_sampler: how rows are drawn from the row-sampling weights (srp_jax.train.sampling)
+ROW_SAMPLERS = ("inverse_cdf", "categorical")
 LR_SCHEDULES = ("constant", "warmup_cosine")
 LAMBDA_MODES = ("constant", "delayed_ramp")
 DATA_FALLBACKS = ("synthetic", "error")
@@ -384,12 +390,29 @@ class L0ControllerConfig:
             raise ConfigError(f"{p}ema must be in [0, 1], got {self.ema}")
 
 
+def _row_seeded_scale(name: str, value: Any) -> str | float:
+    """One of ROW_SEEDED_SCALES, or a positive number (a fixed factor; 1.0 = the unscaled tie)."""
+    if isinstance(value, str) and value in ROW_SEEDED_SCALES:
+        return value
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{name} must be one of {', '.join(ROW_SEEDED_SCALES)} or a positive number, got {value!r}")
+    return number
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """``training:``. Defaults reproduce the shipped reference trainer (constant lr and lambda,
     random init, no AuxK); the paper-recipe switches are opt-in (spec decision 2).
 
     ``lr_warmup_steps`` None = 5% of ``steps``; ``auxk_k`` None = d_model // 2.
+    ``row_sampler`` (ours): ``inverse_cdf`` (O(B log V), default) or ``categorical`` (the
+    previous Gumbel-max draw, for reproducing older runs). ``step_strategy`` (ours): ``auto``
+    (default: the faster path for the backend, see ``docs/performance.md``), ``dense`` or
+    ``sparse`` (TopK family only).
     """
 
     steps: int = 100
@@ -408,6 +431,7 @@ class TrainingConfig:
     gated_aux_coeff: float = 1.0
     l0_controller: L0ControllerConfig = dataclasses.field(default_factory=L0ControllerConfig)
     init_mode: str = "random"
+    row_seeded_scale: str | float = "least_squares"
     lr_schedule: str = "constant"
     lr_warmup_steps: int | None = None
     final_lr_frac: float = 0.1
@@ -416,6 +440,8 @@ class TrainingConfig:
     auxk_coeff: float = 0.0
     auxk_k: int | None = None
     auxk_dead_steps: int = 1000
+    row_sampler: str = "inverse_cdf"
+    step_strategy: str = "auto"
 
     def __post_init__(self) -> None:
         p = "training."
@@ -438,6 +464,7 @@ class TrainingConfig:
             ctrl = _build(L0ControllerConfig, "training.l0_controller", ctrl)
         object.__setattr__(self, "l0_controller", ctrl)
         object.__setattr__(self, "init_mode", _as_str(p + "init_mode", self.init_mode, choices=INIT_MODES))
+        object.__setattr__(self, "row_seeded_scale", _row_seeded_scale(p + "row_seeded_scale", self.row_seeded_scale))
         object.__setattr__(self, "lr_schedule", _as_str(p + "lr_schedule", self.lr_schedule, choices=LR_SCHEDULES))
         object.__setattr__(self, "lambda_mode", _as_str(p + "lambda_mode", self.lambda_mode, choices=LAMBDA_MODES))
         object.__setattr__(
@@ -450,6 +477,10 @@ class TrainingConfig:
         object.__setattr__(self, "auxk_k", _as_int(p + "auxk_k", self.auxk_k, minimum=1, allow_none=True))
         object.__setattr__(self, "auxk_dead_steps", _as_int(p + "auxk_dead_steps", self.auxk_dead_steps, minimum=1))
         validate_sampling_mode(self.row_sampling)
+        object.__setattr__(self, "row_sampler", _as_str(p + "row_sampler", self.row_sampler, choices=ROW_SAMPLERS))
+        object.__setattr__(
+            self, "step_strategy", _as_str(p + "step_strategy", self.step_strategy, choices=STEP_STRATEGIES)
+        )
 
     @property
     def warmup_steps(self) -> int:

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import factorizers as F
 from . import sharding as SH
+from .factorizers import sparse as S
 from .compile import DATA, compiled, mesh_axis_size
 from ._arrays import as_float_array, as_host_float_array, check_last_dim, is_spread
 from .config import EvaluationConfig, resolve_eval_k
@@ -404,21 +405,32 @@ def _strided_chunked_map(fn, arrays, n: int, chunk: int, n_chunks: int):
 
 def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
     """(traced) Encode/decode all rows X (V, d) in blocks: per-row recon (V, d), l0, res², x²,
-    cosine, and usage (D,) int32."""
+    cosine, and usage (D,) int32. The TopK family (k < D) encodes through the sparse encode
+    and decodes its k active rows only (``factorizers.sparse``); other architectures densely."""
+    sparse = F.sparse_code_available(cfg, k)
 
     def body(x, valid):
-        code = F.encode(cfg, params, buffers, x, k)
-        recon = F.decode(params, code)
-        active = (code > 0) & valid[:, None]
+        if sparse:
+            code = F.sparse_code(cfg, params, buffers, x, k)
+            recon = S.decode_code(params, code)
+            active_entries = (code.values > 0) & valid[:, None]
+            l0 = jnp.sum(active_entries, axis=1, dtype=jnp.int32)
+            usage = S.scatter_add_values(active_entries.astype(jnp.int32), code.indices, cfg.d_features)
+        else:
+            code = F.encode(cfg, params, buffers, x, k)
+            recon = F.decode(params, code)
+            active = (code > 0) & valid[:, None]
+            l0 = jnp.sum(active, axis=1, dtype=jnp.int32)
+            usage = jnp.sum(active, axis=0, dtype=jnp.int32)
         res_sq, x_sq = row_ev_parts(x, recon)
         rows = {
             "recon": recon,
-            "l0": jnp.sum(active, axis=1, dtype=jnp.int32),
+            "l0": l0,
             "res_sq": res_sq,
             "x_sq": x_sq,
             "cos": row_cosine(x, recon),
         }
-        return rows, {"usage": jnp.sum(active, axis=0, dtype=jnp.int32)}
+        return rows, {"usage": usage}
 
     V = X.shape[0]
     rows, blocks = _chunked_map(body, [X], V, max(1, min(int(row_batch), V)))
@@ -455,6 +467,33 @@ def reconstruct_rows(
         dictionary.config, dictionary.params, dictionary.buffers, x, a, mu, dictionary.config.resolve_k(k), row_batch
     )
     return recon_x, recon_W, np.asarray(usage, dtype=np.float64), np.asarray(l0, dtype=np.int64)
+
+
+@compiled(static_argnames=("cfg", "k", "row_batch"))
+def _usage_jit(cfg, params, buffers, X, k, row_batch):
+    sparse = F.sparse_code_available(cfg, k)
+
+    def body(x, valid):
+        if sparse:
+            code = F.sparse_code(cfg, params, buffers, x, k)
+            fired = ((code.values > 0) & valid[:, None]).astype(jnp.int32)
+            return {}, {"usage": S.scatter_add_values(fired, code.indices, cfg.d_features)}
+        code = F.encode(cfg, params, buffers, x, k)
+        return {}, {"usage": jnp.sum((code > 0) & valid[:, None], axis=0, dtype=jnp.int32)}
+
+    return _chunked_map(body, [X], X.shape[0], max(1, min(int(row_batch), X.shape[0])))[1]["usage"]
+
+
+def feature_usage(dictionary, rows_normalized: Any, k: int | None = None, *, row_batch: int = 2048) -> np.ndarray:
+    """(D,) int64: on how many of the rows (V, d) each feature's eval code is > 0 (the usage
+    counts of :func:`reconstruct_rows`, without decoding)."""
+    x = as_float_array(rows_normalized, name="rows_normalized", ndim=2)
+    check_last_dim("rows_normalized", x, dictionary.d_model)
+    if x.shape[0] == 0:
+        return np.zeros(dictionary.d_features, np.int64)
+    inference_view(dictionary)
+    usage = _usage_jit(dictionary.config, dictionary.params, dictionary.buffers, x, dictionary.config.resolve_k(k), row_batch)
+    return np.asarray(usage, np.int64)
 
 
 def _logit_stats(h, W, recon_W, overlap_k, softcap, wide):
@@ -742,6 +781,7 @@ def evaluate(
 __all__ = [
     "evaluate",
     "reconstruct_rows",
+    "feature_usage",
     "row_centered_ev",
     "row_ev_parts",
     "row_ev_from_sums",

@@ -12,6 +12,7 @@ import pytest
 
 from srp_jax import factorizers as F
 from srp_jax.config import FactorizerConfig, TrainingConfig
+from srp_jax.train.sampling import cdf_thresholds, draw_rows, rows_from_bits, sample_rows_inverse_cdf
 from srp_jax.train.schedules import learning_rate, prism_weight
 from srp_jax.train.state import init_train_state
 from srp_jax.train.step import (
@@ -76,6 +77,69 @@ def test_row_sampling_frequencies_by_counting():
     np.testing.assert_allclose(freq, w, atol=0.004)
     # with replacement: a batch larger than V works and repeats rows
     assert np.asarray(sample_row_indices(jax.random.PRNGKey(1), jnp.zeros(3), 10)).shape == (10,)
+
+
+def test_cdf_thresholds_by_hand_and_bad_weights():
+    s = 2**31
+    np.testing.assert_array_equal(cdf_thresholds([1, 0, 3, 0]), np.array([s // 4, s // 4, s, s], np.uint32))
+    np.testing.assert_array_equal(cdf_thresholds([0, 1, 1]), np.array([0, s // 2, s], np.uint32))
+    np.testing.assert_array_equal(cdf_thresholds([5.0]), np.array([s], np.uint32))
+    from srp_jax.errors import ShapeError
+
+    for bad in ([], [1.0, np.nan], [1.0, -0.5], [0.0, 0.0], [[1.0, 2.0]], [np.inf, 1.0]):
+        with pytest.raises(ShapeError, match="sampling weights"):
+            cdf_thresholds(bad)
+
+
+def test_inverse_cdf_boundaries_never_pick_zero_weight_rows():
+    w = np.array([0.0, 2.0, 0.0, 0.0, 1.0, 1.0, 0.0, 4.0, 0.0])
+    t = cdf_thresholds(w)
+    # every threshold, one below and one above, plus both ends of [0, 2^31)
+    u = np.unique(np.clip(np.concatenate([t.astype(np.int64) + o for o in (-1, 0, 1)] + [[0, 2**31 - 1]]), 0, 2**31 - 1))
+    got = np.asarray(rows_from_bits(jnp.asarray(t), jnp.asarray(u.astype(np.uint32))))
+    # the row of u by definition: the first i with T[i] > u
+    want = np.array([int(np.flatnonzero(t.astype(np.int64) > x)[0]) for x in u])
+    np.testing.assert_array_equal(got, want)
+    assert set(got.tolist()) == {1, 4, 5, 7} and np.all(w[got] > 0)
+    assert int(got[0]) == 1 and int(got[-1]) == 7  # u = 0 and u = 2^31 - 1
+
+
+def test_inverse_cdf_sampler_matches_the_weights_statistically():
+    rng = np.random.default_rng(0)
+    V, n = 600, 400_000
+    w = 1.0 / np.arange(1, V + 1) ** 1.1 * rng.uniform(0.5, 1.5, V)
+    w[rng.choice(V, 60, replace=False)] = 0.0
+    w[-3:] = 0.0  # trailing zero-weight rows
+    p = w / w.sum()
+    idx = np.asarray(sample_rows_inverse_cdf(jax.random.PRNGKey(3), jnp.asarray(cdf_thresholds(w)), n))
+    assert idx.dtype == np.int32 and idx.min() >= 0 and idx.max() < V
+    counts = np.bincount(idx, minlength=V)
+    assert counts[p == 0].sum() == 0
+    # chi-square over the drawn-from rows: mean df, sd sqrt(2 df); 6 sd is a ~1e-9 false alarm
+    pos = p > 0
+    expected = n * p[pos]
+    chi2 = float(np.sum((counts[pos] - expected) ** 2 / expected))
+    df = int(pos.sum()) - 1
+    assert chi2 < df + 6 * math.sqrt(2 * df), chi2
+    # and row by row: within 6 binomial standard deviations (+1 for the integer count)
+    np.testing.assert_array_less(np.abs(counts - n * p), 6 * np.sqrt(n * p * (1 - p)) + 1)
+    # a sampler shifted by one row fails the same statistic (the test can tell)
+    shifted = np.bincount(np.minimum(idx + 1, V - 1), minlength=V)
+    assert float(np.sum((shifted[pos] - expected) ** 2 / expected)) > 10 * df
+
+
+def test_draw_rows_samplers_share_the_distribution_and_batch_over_v():
+    from types import SimpleNamespace
+
+    w = np.array([0.5, 0.25, 0.125, 0.125])
+    data = SimpleNamespace(row_cdf=jnp.asarray(cdf_thresholds(w)), sample_logits=jnp.log(jnp.asarray(w, jnp.float32)))
+    for sampler in ("inverse_cdf", "categorical"):
+        idx = np.asarray(draw_rows(data, jax.random.PRNGKey(5), 100_000, sampler))
+        np.testing.assert_allclose(np.bincount(idx, minlength=4) / idx.size, w, atol=0.006)
+    a = np.asarray(draw_rows(data, jax.random.PRNGKey(6), 10))
+    assert a.shape == (10,) and np.array_equal(a, np.asarray(draw_rows(data, jax.random.PRNGKey(6), 10)))
+    with pytest.raises(ValueError, match="row sampler"):
+        draw_rows(data, jax.random.PRNGKey(0), 3, "gumbel")
 
 
 def test_prism_penalty_matches_direct_computation():
@@ -172,7 +236,7 @@ def test_train_step_matches_hand_assembled_step():
     new, m = train_step_jit(spec, state, data)
     key = jax.random.fold_in(state.rng, 1)
     k_rows, k_prism = jax.random.split(key)
-    x = data.rows_normalized[sample_row_indices(k_rows, data.sample_logits, 16)]
+    x = data.rows_normalized[draw_rows(data, k_rows, 16)]
 
     def loss(p):
         code = F.encode(fcfg, p, {}, x, 4)

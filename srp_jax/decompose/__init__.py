@@ -1,7 +1,8 @@
 """Logit decomposition: ``h . w_t = base + sum_i c_i + residual_term``, for one token, many
 tokens, any linear query and row-by-row margins. Nothing here gates: see :mod:`srp_jax.gate`.
 
-Modules, one concern each: :mod:`.token` (the token kernel ``token_terms`` and the
+Modules, one concern each: :mod:`.codes` (the vocabulary's sparse codes, computed once:
+``CodeTable``, ``code_table``), :mod:`.token` (the token kernel ``token_terms`` and the
 reference-parity ``decompose_token_logit``), :mod:`.batched` (``decompose_rows`` /
 ``decompose_tokens``: B pairs, fixed shapes, dense or sparse), :mod:`.queries` (building a
 query's weights from its kind), :mod:`.linear` (``decompose_query`` / ``decompose_queries``),
@@ -24,6 +25,7 @@ One meaning per field name, across every result type:
 
 from __future__ import annotations
 
+from .codes import CodeTable, build_code_table, cached_code_table, clear_code_tables, code_table
 from .batched import TokenDecompositions, batch_decomposition_identity_error, decompose_rows, decompose_tokens
 from .linear import QueryDecomposition, QueryDecompositions, decompose_queries, decompose_query, query_terms
 from .margins import VOCAB_MEAN, MarginDecomposition, coverage_stats, margin_from_rows
@@ -33,6 +35,11 @@ from .token import Decomposition, decompose_token_logit, token_terms
 __all__ = [
     "Decomposition",
     "TokenDecompositions",
+    "CodeTable",
+    "build_code_table",
+    "code_table",
+    "cached_code_table",
+    "clear_code_tables",
     "QueryDecomposition",
     "QueryDecompositions",
     "MarginDecomposition",

@@ -1,4 +1,13 @@
-"""Many (hidden state, token) pairs in one jitted, vmapped call, with fixed shapes."""
+"""Many (hidden state, token) pairs in one jitted call, with fixed shapes.
+
+Dense (``sparse=False``): every pair's (D,) contributions, vmapped over the token kernel.
+Sparse (``sparse=True``): for the TopK family (at most k active, k < D) the codes come from a
+:class:`~srp_jax.decompose.codes.CodeTable` (``codes=``, or one cached by
+:func:`~srp_jax.decompose.codes.code_table`) or from one batched sparse encode of the query
+rows; then each pair touches only its k decoder rows: contributions from k gathered
+dot products and the residual row from the sparse decode (O(k·d) per pair, no dense decode).
+Other architectures (``max_active``) keep the dense per-pair path.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +24,10 @@ from .._display import fields_repr, html_table, shape_text
 from ..compile import compiled
 from ..dictionary import inference_view
 from ..errors import ConfigError, ShapeError
-from .token import dot, scalar_terms, token_terms
+from ..factorizers import sparse as S
+from ..readout import denormalize_rows
+from .codes import CodeTable, cached_code_table, sparse_codes_by_feature
+from .token import HIGHEST, dot, scalar_terms, token_terms
 
 
 @flax.struct.dataclass
@@ -95,6 +107,77 @@ def _batched_terms(cfg, k, m, params, buffers, h, w_rows, row_mean, row_norms, r
     return jax.vmap(fn, in_axes=(0, 0, None, 0, 0))(h, w_rows, row_mean, row_norms, rows_normalized)
 
 
+def _rowwise_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum("bd,bd->b", a, b, precision=HIGHEST)
+
+
+def _code_terms(m, params, code, h, w_rows, row_mean, row_norms):
+    """(traced) Decompose B pairs from their codes laid out by feature (B, k): the residual
+    row from the sparse decode of the whole code, contributions of its ``m`` largest |values|
+    (all of them when m >= k)."""
+    dec = params["decoder"]
+    recon = S.combine_rows(dec, code.values, S.safe_indices(code.indices))
+    n_active = jnp.sum(code.indices >= 0, axis=-1).astype(jnp.int32)
+    listed = code
+    if m < code.values.shape[1]:  # the m largest |values|, then back in feature order
+        _, pos = jax.lax.top_k(jnp.where(code.indices >= 0, jnp.abs(code.values), -1.0), m)
+        picked = S.SparseCode(jnp.take_along_axis(code.values, pos, 1), jnp.take_along_axis(code.indices, pos, 1))
+        key = jnp.where(picked.indices >= 0, picked.indices, jnp.iinfo(jnp.int32).max)
+        _, vals, idx = jax.lax.sort((key, picked.values, picked.indices), dimension=1, num_keys=1)
+        listed = S.SparseCode(vals, idx)
+    valid = listed.indices >= 0
+    scores = S.dot_rows(dec, h, S.safe_indices(listed.indices))  # (B, m): h . d_i
+    contributions = jnp.where(valid, row_norms[:, None] * listed.values * scores, 0.0)
+    residual_row = w_rows - denormalize_rows(recon, row_mean, row_norms)
+    original = _rowwise_dot(h, w_rows)
+    base = jnp.matmul(h, row_mean, precision=HIGHEST)
+    feature_sum = jnp.sum(contributions, axis=-1)
+    residual_term = _rowwise_dot(h, residual_row)
+    return {
+        "original": original,
+        "base": base,
+        "feature_sum": feature_sum,
+        "residual_term": residual_term,
+        "reconstructed": base + feature_sum,
+        "identity_error": original - (base + feature_sum + residual_term),
+        "contributions": contributions,
+        "indices": listed.indices,
+        "n_active": n_active,
+        "truncated": n_active > m,
+    }
+
+
+@compiled(static_argnums=(0,))
+def _table_terms(m, params, values, indices, h, w_rows, row_mean, row_norms):
+    return _code_terms(m, params, S.SparseCode(values, indices), h, w_rows, row_mean, row_norms)
+
+
+@compiled(static_argnums=(0, 1, 2))
+def _fresh_code_terms(cfg, k, m, params, buffers, h, w_rows, row_mean, row_norms, rows_normalized):
+    code, _ = sparse_codes_by_feature(cfg, params, buffers, rows_normalized, k)
+    return _code_terms(m, params, code, h, w_rows, row_mean, row_norms)
+
+
+def _sparse_width(cfg, k_static, max_active) -> int | None:
+    """The listed width m of a sparse decomposition (None: dense)."""
+    if cfg.arch.at_most_k_active:
+        m = min(cfg.resolve_k(k_static), cfg.d_features)
+    elif max_active is None:
+        raise ConfigError(f"sparse decomposition of a {cfg.architecture} dictionary needs max_active=")
+    if max_active is not None:
+        if isinstance(max_active, bool) or not isinstance(max_active, (int, np.integer)) or max_active < 1:
+            raise ConfigError(f"max_active must be a positive integer, got {max_active!r}")
+        m = min(int(max_active), cfg.d_features)
+    return m
+
+
+def _sparse_result(t) -> TokenDecompositions:
+    return TokenDecompositions(
+        t["original"], t["base"], t["feature_sum"], t["residual_term"], t["reconstructed"],
+        t["identity_error"], t["n_active"], t["contributions"], t["indices"], t["truncated"],
+    )
+
+
 def decompose_rows(
     h: Any,
     W_rows: Any,
@@ -111,7 +194,8 @@ def decompose_rows(
 
     h (B, d), W_rows (B, d), row_mean (d,), row_norms (B,), rows_normalized (B, d).
     ``sparse=True`` returns the active (index, contribution) pairs instead of dense (B, D)
-    contributions and gathers only those decoder rows (see :class:`TokenDecompositions`).
+    contributions and gathers only those decoder rows (see :class:`TokenDecompositions`); for
+    the TopK family the codes of the rows come from one batched sparse encode.
     """
     cfg, params, buffers, d_model = inference_view(model)
     h_a = as_float_array(h, name="h", ndim=2)
@@ -128,16 +212,10 @@ def decompose_rows(
     if not isinstance(norms_a, jax.core.Tracer) and norms_a.size and not bool(jnp.all(norms_a > 0)):
         raise ShapeError(f"row_norms must be > 0 (clamped norms of the centred rows), got minimum {float(jnp.min(norms_a)):g}")
     k_static = static_k(k)
-    m = None
-    if sparse:
-        if cfg.arch.at_most_k_active:
-            m = min(cfg.resolve_k(k_static), cfg.d_features)
-        elif max_active is None:
-            raise ConfigError(f"sparse decomposition of a {cfg.architecture} dictionary needs max_active=")
-        if max_active is not None:
-            if isinstance(max_active, bool) or not isinstance(max_active, (int, np.integer)) or max_active < 1:
-                raise ConfigError(f"max_active must be a positive integer, got {max_active!r}")
-            m = min(int(max_active), cfg.d_features)
+    m = _sparse_width(cfg, k_static, max_active) if sparse else None
+    if m is not None and F.sparse_code_available(cfg, k_static):
+        kk = cfg.resolve_k(k_static)
+        return _sparse_result(_fresh_code_terms(cfg, kk, min(m, kk), params, buffers, h_a, w_a, mean_a, norms_a, x_a))
     t = _batched_terms(cfg, k_static, m, params, buffers, h_a, w_a, mean_a, norms_a, x_a)
     if m is None:
         n_active = jnp.sum(t["code"] != 0, axis=-1)
@@ -145,10 +223,7 @@ def decompose_rows(
             t["original"], t["base"], t["feature_sum"], t["residual_term"], t["reconstructed"],
             t["identity_error"], n_active, t["contributions"],
         )
-    return TokenDecompositions(
-        t["original"], t["base"], t["feature_sum"], t["residual_term"], t["reconstructed"],
-        t["identity_error"], t["n_active"], t["contributions"], t["indices"], t["truncated"],
-    )
+    return _sparse_result(t)
 
 
 def decompose_tokens(
@@ -160,16 +235,44 @@ def decompose_tokens(
     *,
     sparse: bool = False,
     max_active: int | None = None,
+    codes: CodeTable | None = None,
 ) -> TokenDecompositions:
     """Decompose the logits of vocabulary ``token_ids`` (B,) under hidden states h (B, d).
 
     ``readout`` is a :class:`srp_jax.readout.Readout` prepared with the dictionary's row mean
-    (``Readout.for_dictionary``). One jitted call for the whole batch.
+    (``Readout.for_dictionary``). One jitted call for the whole batch. With ``sparse=True``
+    (TopK family) the codes of the tokens' rows come from ``codes`` (a
+    :class:`~srp_jax.decompose.codes.CodeTable` of this dictionary, readout and k), else from
+    the table :func:`~srp_jax.decompose.codes.code_table` cached for them, else from one
+    batched encode of those rows; each pair then costs O(k·d).
     """
     if np.size(to_numpy(token_ids, name="token_ids")) == 0:
         raise ShapeError("token_ids is empty: give at least one token id to decompose")
     ids = as_index_array(token_ids, name="token_ids", ndim=1)
     pos = jnp.asarray(readout.positions(ids))
+    if codes is not None and not sparse:
+        raise ConfigError("codes= (a CodeTable) applies to sparse=True decompositions")
+    cfg, params, _, d_model = inference_view(model)
+    k_static = static_k(k)
+    if sparse and F.sparse_code_available(cfg, k_static):
+        table = codes if codes is not None else cached_code_table(model, readout, k_static)
+        if table is not None:
+            kk = cfg.resolve_k(k_static)
+            if not isinstance(table, CodeTable) or table.k != kk or table.d_features != cfg.d_features:
+                raise ConfigError(f"codes must be the CodeTable of this dictionary at k {kk}")
+            if table.n_rows != readout.rows_normalized.shape[0]:
+                raise ShapeError(f"codes hold {table.n_rows} rows but the readout has {readout.rows_normalized.shape[0]}")
+            h_a = as_float_array(h, name="h", ndim=2)
+            check_last_dim("h", h_a, d_model)
+            if h_a.shape[0] != pos.shape[0]:
+                raise ShapeError(f"token_ids has {pos.shape[0]} rows but h has {h_a.shape[0]}")
+            m = min(_sparse_width(cfg, k_static, max_active), kk)
+            return _sparse_result(_table_terms(
+                m, params, table.values[pos], table.indices[pos], h_a, readout.W_U[pos], readout.row_mean,
+                readout.row_norms[pos],
+            ))
+    elif codes is not None:
+        raise ConfigError(f"codes= needs a TopK-family dictionary (k < D); got {cfg.architecture}")
     return decompose_rows(
         h, readout.W_U[pos], readout.row_mean, readout.row_norms[pos], readout.rows_normalized[pos],
         model, k, sparse=sparse, max_active=max_active,

@@ -20,7 +20,17 @@ Modules: :mod:`.kernels` (top-k, encoder pre-activation, decode, ...), :mod:`.ba
 
 from __future__ import annotations
 
-from .base import DEFAULT_K, Architecture, BufferSpec, FactorizerBatch, FactorizerOutput, LossTerms, Option
+from . import sparse
+from .base import (
+    DEFAULT_K,
+    Architecture,
+    BufferSpec,
+    FactorizerBatch,
+    FactorizerOutput,
+    LossTerms,
+    Option,
+    SparseLossTerms,
+)
 from .batch_topk import BatchTopK
 from .functional import (
     architecture_of,
@@ -33,6 +43,12 @@ from .functional import (
     init_buffers,
     init_factorizer,
     reconstruction_loss,
+    sparse_code,
+    sparse_code_available,
+    sparse_encode,
+    sparse_reconstruction_loss,
+    sparse_step_available,
+    sparse_work_fraction,
 )
 from .gated import Gated
 from .jumprelu import JumpReLU
@@ -63,6 +79,7 @@ from .state_dict import (
     state_dict_to_variables,
     variables_to_state_dict,
 )
+from .sparse import SparseCode
 from .topk import MatryoshkaTopK, TopK
 
 # The built-in architectures, one registry line each (the reference's order).
@@ -93,6 +110,15 @@ __all__ = [
     "FactorizerOutput",
     "FactorizerBatch",
     "LossTerms",
+    "SparseLossTerms",
+    "SparseCode",
+    "sparse",
+    "sparse_step_available",
+    "sparse_work_fraction",
+    "sparse_code",
+    "sparse_code_available",
+    "sparse_encode",
+    "sparse_reconstruction_loss",
     "Params",
     "Buffers",
     "HIGHEST",

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from .._validate import as_float, as_int, as_list
 from ..errors import ConfigError
 from . import kernels as K
+from . import sparse as S
 from .kernels import Buffers, Params
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +54,18 @@ class LossTerms(NamedTuple):
 
     rec: jax.Array
     code: jax.Array
+    aux: jax.Array
+    aux_recon_mse: jax.Array
+    mean_l0: jax.Array
+    buffers: Buffers
+
+
+class SparseLossTerms(NamedTuple):
+    """``sparse_reconstruction_loss`` result: like :class:`LossTerms` with the code as a
+    :class:`~srp_jax.factorizers.sparse.SparseCode` (``code.values`` / ``code.indices`` (B, k))."""
+
+    rec: jax.Array
+    code: S.SparseCode
     aux: jax.Array
     aux_recon_mse: jax.Array
     mean_l0: jax.Array
@@ -108,6 +121,9 @@ class Architecture:
     l0_controller: ClassVar[bool] = False
     #: the controller's default upper clamp (``l0_controller.coeff_max`` None)
     controller_coeff_max: ClassVar[float] = 0.05
+    #: implements ``sparse_encode`` (a training code with a fixed number of entries per row),
+    #: so the sparse train step applies (see ``sparse_step_available``)
+    sparse_step: ClassVar[bool] = False
 
     # ---- parameters and buffers
     def init(self, key: jax.Array, cfg: FactorizerConfig, d_model: int) -> tuple[Params, Buffers]:
@@ -161,6 +177,48 @@ class Architecture:
     def check_ready(self, cfg: FactorizerConfig, buffers: Buffers) -> None:
         """Raise if eval-mode encoding with these (concrete) buffers would be meaningless."""
 
+    # ---- the sparse train step (architectures with ``sparse_step``)
+    def sparse_step_available(self, cfg: FactorizerConfig, k: int | None) -> bool:
+        """Whether the sparse step computes this architecture's loss at ``k`` (default:
+        ``sparse_step`` and a budget of 1 <= k < D, where the code is really sparse)."""
+        return self.sparse_step and 1 <= cfg.resolve_k(k) < cfg.d_features
+
+    def sparse_work_fraction(self, cfg: FactorizerConfig, k: int | None) -> float:
+        """The sparse step's gather / scatter work relative to the dense decode's: the code
+        width times the number of reconstructions the loss takes, over D (default k / D)."""
+        return cfg.resolve_k(k) / cfg.d_features
+
+    def sparse_code_available(self, cfg: FactorizerConfig, k: int | None) -> bool:
+        """Whether :meth:`sparse_code` gives the eval-mode code exactly (at most k active per
+        row, 1 <= k < D)."""
+        return self.at_most_k_active and self.sparse_step and 1 <= cfg.resolve_k(k) < cfg.d_features
+
+    def sparse_code(
+        self, cfg: FactorizerConfig, params: Params, buffers: Buffers, x: jax.Array, k: int | None
+    ) -> S.SparseCode:
+        """The eval-mode code of ``encode`` as (values, indices) (B, k) (the fast encode of
+        decompositions, code tables and full-vocabulary reconstruction). Default: the
+        training-mode sparse code, for architectures whose code does not depend on the mode."""
+        return self.sparse_encode(cfg, params, buffers, x, k, False)[0]
+
+    def sparse_encode(
+        self, cfg: FactorizerConfig, params: Params, buffers: Buffers, x: jax.Array, k: int | None, train: bool
+    ) -> tuple[S.SparseCode, Buffers]:
+        """The code of ``forward`` as a :class:`~srp_jax.factorizers.sparse.SparseCode` (same
+        values, differentiable with sparse gradients), and the buffers after the call."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse step")
+
+    def sparse_reconstruction_loss(
+        self, cfg: FactorizerConfig, params: Params, buffers: Buffers, x: jax.Array, k: int | None, train: bool
+    ) -> SparseLossTerms:
+        """``reconstruction_loss`` through the sparse kernels (equal up to summation order)."""
+        code, buffers = self.sparse_encode(cfg, params, buffers, x, k, train)
+        kk = code.values.shape[1]
+        rec = jnp.sum(S.squared_errors(params["decoder"], code, x, (kk,))) / x.size
+        zero = jnp.zeros((), jnp.float32)
+        l0 = jax.lax.stop_gradient(S.code_stats(code, cfg.d_features).l0)
+        return SparseLossTerms(rec, code, zero, zero, l0, buffers)
+
     # ---- config
     def option_values(self, cfg: FactorizerConfig) -> dict[str, Any]:
         """This architecture's keys of a reference-style ``factorizer`` block (JSON-safe)."""
@@ -207,6 +265,7 @@ __all__ = [
     "DEFAULT_K",
     "FactorizerOutput",
     "LossTerms",
+    "SparseLossTerms",
     "Option",
     "BufferSpec",
     "Architecture",

@@ -15,7 +15,8 @@ from typing import Any
 import jax
 
 from ..compile import compiled
-from .base import FactorizerOutput, LossTerms
+from .base import FactorizerOutput, LossTerms, SparseLossTerms
+from .sparse import SparseCode
 from .kernels import Buffers, Params, decode
 from .registry import get_architecture
 
@@ -64,6 +65,43 @@ def reconstruction_loss(
     return architecture_of(cfg).reconstruction_loss(cfg, params, buffers, x, k, train)
 
 
+def sparse_step_available(cfg: Any, k: int | None = None) -> bool:
+    """Whether the sparse train step applies to ``cfg`` at ``k`` (the TopK family with k < D)."""
+    return architecture_of(cfg).sparse_step_available(cfg, k)
+
+
+def sparse_work_fraction(cfg: Any, k: int | None = None) -> float:
+    """The sparse step's gather / scatter work relative to the dense decode (see
+    :func:`srp_jax.compile.resolve_step_strategy`)."""
+    return architecture_of(cfg).sparse_work_fraction(cfg, k)
+
+
+def sparse_code_available(cfg: Any, k: int | None = None) -> bool:
+    """Whether :func:`sparse_code` gives ``encode``'s code exactly (the TopK family, k < D)."""
+    return architecture_of(cfg).sparse_code_available(cfg, k)
+
+
+def sparse_code(cfg: Any, params: Params, buffers: Buffers, x: jax.Array, k: int | None = None) -> SparseCode:
+    """The eval-mode code of rows x (B, d) as (values, indices) (B, k), values descending:
+    ``encode`` without the dense (B, D) code (see :func:`sparse_code_available`)."""
+    return architecture_of(cfg).sparse_code(cfg, params, buffers, x, k)
+
+
+def sparse_encode(
+    cfg: Any, params: Params, buffers: Buffers, x: jax.Array, k: int | None = None, *, train: bool = True
+) -> tuple[SparseCode, Buffers]:
+    """The code of :func:`forward` as (values, indices) (B, k) with sparse gradients, and the
+    buffers after the call (architectures with ``sparse_step`` only)."""
+    return architecture_of(cfg).sparse_encode(cfg, params, buffers, x, k, train)
+
+
+def sparse_reconstruction_loss(
+    cfg: Any, params: Params, buffers: Buffers, x: jax.Array, k: int | None = None, *, train: bool = True
+) -> SparseLossTerms:
+    """:func:`reconstruction_loss` through the sparse kernels (equal up to summation order)."""
+    return architecture_of(cfg).sparse_reconstruction_loss(cfg, params, buffers, x, k, train)
+
+
 def check_ready(cfg: Any, buffers: Buffers) -> None:
     """Raise if an eval-mode encode would use state that was never learned (BatchTopK's
     threshold before any training batch). No-op under tracing."""
@@ -82,6 +120,12 @@ __all__ = [
     "encode",
     "forward",
     "reconstruction_loss",
+    "sparse_step_available",
+    "sparse_work_fraction",
+    "sparse_code_available",
+    "sparse_code",
+    "sparse_encode",
+    "sparse_reconstruction_loss",
     "check_ready",
     "encode_jit",
     "forward_jit",

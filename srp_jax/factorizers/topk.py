@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from . import kernels as K
-from .base import Architecture, LossTerms, Option, float_tuple_option, int_tuple_option
+from . import sparse as S
+from .base import Architecture, LossTerms, Option, SparseLossTerms, float_tuple_option, int_tuple_option
 
 
 class TopK(Architecture):
@@ -19,8 +20,13 @@ class TopK(Architecture):
     uses_k = True
     at_most_k_active = True
 
+    sparse_step = True
+
     def encode(self, cfg, params, buffers, x, k):
         return K.topk_mask(jax.nn.relu(K.pre_activation(params, x)), cfg.resolve_k(k))
+
+    def sparse_encode(self, cfg, params, buffers, x, k, train):
+        return S.topk_codes(params, x, cfg.resolve_k(k)), buffers
 
 
 class MatryoshkaTopK(TopK):
@@ -49,5 +55,27 @@ class MatryoshkaTopK(TopK):
             out = self.forward(cfg, params, buffers, x, kj, train)
             total = total + wj * K.mse(out.reconstruction, x)
         return LossTerms(total / sum(ws), out.code, zero, zero, out.mean_l0, out.buffers)
+
+    def sparse_step_available(self, cfg, k):
+        ks, _ = self.loss_k_values(cfg)
+        return super().sparse_step_available(cfg, k) and all(kj < cfg.d_features for kj in ks)
+
+    def sparse_work_fraction(self, cfg, k):
+        ks, _ = self.loss_k_values(cfg)
+        return max(max(ks) * len(ks), cfg.resolve_k(k)) / cfg.d_features if ks else super().sparse_work_fraction(cfg, k)
+
+    def sparse_reconstruction_loss(self, cfg, params, buffers, x, k, train):
+        """The weighted Matryoshka MSE from one TopK code at max(k_values): the code at each
+        k_j is its prefix (values are descending, ties to the lower index, as ``top_k``)."""
+        ks, ws = self.loss_k_values(cfg)
+        if not ks:
+            return super().sparse_reconstruction_loss(cfg, params, buffers, x, k, train)
+        code = S.topk_codes(params, x, max(ks))
+        errors = S.squared_errors(params["decoder"], code, x, ks)  # (L, B)
+        total = jnp.sum(jnp.asarray(ws, jnp.float32) * jnp.sum(errors, axis=1)) / x.size
+        last = S.SparseCode(code.values[:, : ks[-1]], code.indices[:, : ks[-1]])
+        zero = jnp.zeros((), jnp.float32)
+        l0 = jax.lax.stop_gradient(S.code_stats(last, cfg.d_features).l0)
+        return SparseLossTerms(total / sum(ws), last, zero, zero, l0, buffers)
 
 

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from .. import sharding as SH
 from ..compile import compile_step, compiled
+from ..errors import ConfigError
 from ..factorizers.sharded_topk import approximate_topk
 from .sampling import TrainData
 from .state import TrainState, init_train_state
@@ -182,8 +183,14 @@ def setup_training(
     approx_recall: float | None = None,
 ) -> TrainingSetup:
     """Place the data, compile the functions and prepare the initialiser for ``spec`` on
-    ``mesh`` (None: one device, the plain path)."""
+    ``mesh`` (None: one device, the plain path). On a mesh the step is the dense one (its
+    partition rules are written for the dense products): a spec that resolved ``auto`` to
+    sparse without knowing of the mesh is switched to dense; an explicit ``sparse`` is refused."""
     fcfg, tcfg = spec.factorizer, spec.training
+    if mesh is not None and spec.strategy == "sparse":
+        if tcfg.step_strategy == "sparse":
+            raise ConfigError("training.step_strategy 'sparse' is not available on a sharded mesh; use dense or auto")
+        spec = dataclasses.replace(spec, strategy="dense")
     data = place_train_data(TrainData.from_dataset(dataset, sample_weights, spec.prism_ranks, host=mesh is not None), mesh)
 
     def fresh(rows: Any) -> TrainState:

@@ -49,7 +49,7 @@ from ..data import (
     LoadedPayload, build_prism_dataset, data_source, load_payload, payload_files, resolve_data_path, row_sampling_weights,
 )
 from ..dictionary import Dictionary, load_dictionary
-from ..metrics import evaluate, metrics_to_jsonable
+from ..metrics import evaluate, feature_usage, metrics_to_jsonable
 from ..config import RunConfig, load_run_config, resolve_eval_k
 from ..errors import CheckpointError, DivergenceError, OutputError, ResourceError, RunDirectoryError, SrpError
 from . import rundir as R
@@ -151,10 +151,12 @@ def run_training(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tcfg, fcfg = cfg.training, cfg.factorizer
     weights = row_sampling_weights(dataset, tcfg.row_sampling)
-    spec = StepSpec.build(fcfg, tcfg, dataset.d_model, dataset.hidden_train.shape[0], dataset.top_targets.shape[1])
-    optimizer = make_optimizer(tcfg)  # built once: the step and the state share it
     if isinstance(mesh, str):
         mesh = SH.mesh_from_config(cfg.mesh)
+    spec = StepSpec.build(
+        fcfg, tcfg, dataset.d_model, dataset.hidden_train.shape[0], dataset.top_targets.shape[1], sharded=mesh is not None
+    )
+    optimizer = make_optimizer(tcfg)  # built once: the step and the state share it
     setup = setup_training(
         spec, optimizer, dataset, weights, init_seed=cfg.init_seed, mesh=mesh, approx_recall=cfg.mesh.approx_recall
     )
@@ -355,12 +357,7 @@ def _usage_counts(dictionary, dataset, evaluation, chunk: int = 1024) -> np.ndar
     """How many evaluated rows (the first ``max_eval_rows``) use each feature at the audit k."""
     k = resolve_eval_k(evaluation, dictionary.config)
     n_rows = min(int(evaluation.max_eval_rows or dataset.vocab_size), dataset.vocab_size)
-    counts = np.zeros(dictionary.d_features, np.int64)
-    X = np.asarray(dataset.rows_normalized[:n_rows])
-    for s in range(0, n_rows, chunk):
-        code = F.encode_jit(dictionary.config, dictionary.params, dictionary.buffers, jnp.asarray(X[s : s + chunk]), k)
-        counts += np.asarray(jnp.sum(code > 0, axis=0), np.int64)
-    return counts
+    return feature_usage(dictionary, np.asarray(dataset.rows_normalized[:n_rows]), k, row_batch=chunk)
 
 
 def train(

@@ -87,7 +87,7 @@ def abstract_inputs(cfg: RunConfig, d_model: int, vocab_rows: int, n_hidden: int
     a readout of ``vocab_rows`` x ``d_model`` with ``n_hidden`` train hidden states would have
     (default: ``data.max_hidden``, else 2048)."""
     n_hidden = int(n_hidden or cfg.data.max_hidden or 2048)
-    spec = StepSpec.build(cfg.factorizer, cfg.training, d_model, n_hidden, TARGETS)
+    spec = StepSpec.build(cfg.factorizer, cfg.training, d_model, n_hidden, TARGETS, sharded=True)
     f32 = jnp.float32
 
     def sds(shape, dtype=f32):
@@ -99,7 +99,7 @@ def abstract_inputs(cfg: RunConfig, d_model: int, vocab_rows: int, n_hidden: int
     )  # fmt: skip
     data = TrainData(
         readout=readout, hidden=sds((n_hidden, d_model)), top_targets=sds((n_hidden, spec.prism_ranks), jnp.int32),
-        sample_logits=sds((vocab_rows,)),
+        sample_logits=sds((vocab_rows,)), row_cdf=sds((vocab_rows,), jnp.uint32),
     )  # fmt: skip
     return spec, data
 

@@ -7,7 +7,9 @@ reference's order, training-and-checkpoints.md §1.3-1.6):
 
 1. (sampling) B row positions i.i.d. from the row-sampling distribution, x = rows_normalized[idx],
    and the prism batch;
-2. reconstruction MSE (matryoshka: weighted over k_values) via ``factorizers.reconstruction_loss``;
+2. reconstruction MSE (matryoshka: weighted over k_values) via ``factorizers.reconstruction_loss``
+   (``spec.strategy == "sparse"``: ``factorizers.sparse_reconstruction_loss``, the same loss
+   and gradients through the k active latents per row only; see below);
 3. the L0 controller update (jumprelu / l1_relu, when enabled) from this step's measured L0;
 4. loss = rec + sparsity terms + lambda_t * prism + code_l2 * mean(z^2) [+ auxk_coeff * AuxK];
 5. gradients -> global-norm clip at 1.0 -> AdamW (optax; torch's decoupled lr*wd decay on every
@@ -17,6 +19,14 @@ reference's order, training-and-checkpoints.md §1.3-1.6):
 Every random draw comes from ``fold_in(state.rng, step)`` (in the sampler): a run resumed at
 any step replays exactly the draws an uninterrupted run makes, so the final parameters are
 bitwise equal.
+
+Strategies (``training.step_strategy``, resolved once in :meth:`StepSpec.build` by
+:func:`srp_jax.compile.resolve_step_strategy`): ``dense`` computes the codes as (B, D) arrays
+and differentiates dense products; ``sparse`` (TopK family) keeps each code as its k (value,
+index) pairs (:mod:`srp_jax.factorizers.sparse`): the encoder forward is the one dense
+product, the decode, the reconstruction error, the prism term's h . x_hat and every gradient
+touch only the k selected decoder rows / encoder columns per example. Both give the same loss
+and gradients up to float summation order (tests/test_sparse_step.py).
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ import jax.numpy as jnp
 import optax
 
 from .. import factorizers as F
-from ..compile import compiled
+from ..factorizers import sparse as S
+from ..compile import compiled, resolve_step_strategy
 from ..config import FactorizerConfig, TrainingConfig
 from ..errors import ConfigError
 from ..readout import denormalize_rows
@@ -65,7 +76,9 @@ def describe_nonfinite(mask: int) -> tuple[str, ...]:
 class StepSpec:
     """Static (hashable) description of a step. ``k`` the training k; ``prism_batch`` =
     min(B, n_hidden_train) (0 = no hidden states: no prism term); ``prism_ranks`` P =
-    max(1, min(prism_top_n, 8)); ``auxk_k`` the AuxK budget (default d_model // 2)."""
+    max(1, min(prism_top_n, 8)); ``auxk_k`` the AuxK budget (default d_model // 2);
+    ``strategy`` ``"dense"`` or ``"sparse"`` (``training.step_strategy`` resolved for this
+    architecture and backend)."""
 
     factorizer: FactorizerConfig
     training: TrainingConfig
@@ -74,9 +87,22 @@ class StepSpec:
     prism_batch: int
     prism_ranks: int
     auxk_k: int
+    strategy: str = "dense"
 
     @classmethod
-    def build(cls, factorizer: FactorizerConfig, training: TrainingConfig, d_model: int, n_hidden: int, n_targets: int = 8):
+    def build(
+        cls,
+        factorizer: FactorizerConfig,
+        training: TrainingConfig,
+        d_model: int,
+        n_hidden: int,
+        n_targets: int = 8,
+        *,
+        sharded: bool = False,
+        backend: str | None = None,
+    ):
+        """Resolve the static step description (``sharded``: the step runs on a device mesh,
+        which keeps the dense strategy; ``backend`` defaults to ``jax.default_backend()``)."""
         if training.auxk_coeff > 0 and not factorizer.arch.uses_k:
             raise ConfigError(
                 "training.auxk_coeff > 0 needs an architecture with a k budget (topk, matryoshka_topk, "
@@ -92,6 +118,14 @@ class StepSpec:
             prism_batch=min(training.batch_size, int(n_hidden)),
             prism_ranks=ranks,
             auxk_k=min(int(auxk_k), factorizer.d_features),
+            strategy=resolve_step_strategy(
+                training.step_strategy,
+                sparse_supported=F.sparse_step_available(factorizer, factorizer.k),
+                sparse_fraction=F.sparse_work_fraction(factorizer, factorizer.k),
+                backend=backend,
+                sharded=sharded,
+                what=f"architecture {factorizer.architecture!r} (k {factorizer.resolve_k(factorizer.k)}, D {factorizer.d_features})",
+            ),
         )
 
     @property
@@ -128,6 +162,18 @@ def prism_loss(
     residual = jnp.sum(prism.h * (prism.w - recon_w), axis=-1)
     original = jnp.maximum(jnp.abs(jnp.sum(prism.h * prism.w, axis=-1)), PRISM_DENOM_EPS)
     return jnp.mean(jnp.square(residual / original)), out.buffers
+
+
+def sparse_prism_loss(
+    fcfg: FactorizerConfig, params: F.Params, buffers: F.Buffers, prism: PrismBatch, k: int
+) -> tuple[jax.Array, F.Buffers]:
+    """:func:`prism_loss` through the sparse kernels: h . r_t = h . w_t - h . row_mean -
+    a_t (h . x_hat_t), with h . x_hat_t from the k active decoder rows (no (Bp, d) decode)."""
+    code, buffers = F.sparse_encode(fcfg, params, buffers, prism.x, k, train=True)
+    h_xhat = S.probe_dots(params["decoder"], code, prism.h)
+    residual = jnp.sum(prism.h * (prism.w - prism.row_mean), axis=-1) - prism.a * h_xhat
+    original = jnp.maximum(jnp.abs(jnp.sum(prism.h * prism.w, axis=-1)), PRISM_DENOM_EPS)
+    return jnp.mean(jnp.square(residual / original)), buffers
 
 
 def selected_prism_loss(
@@ -175,6 +221,72 @@ def auxk_loss(params: F.Params, x: jax.Array, recon: jax.Array, dead: jax.Array,
     return jnp.where(jnp.any(dead), jnp.mean(jnp.square(e_hat - e)) / denom, 0.0)
 
 
+def sparse_auxk_loss(
+    params: F.Params, x: jax.Array, code: S.SparseCode, dead: jax.Array, auxk_k: int
+) -> jax.Array:
+    """:func:`auxk_loss` through the sparse kernels (``code`` the step's sparse code of x)."""
+    e = jax.lax.stop_gradient(x - S.decode_code(params, code))
+    aux = S.topk_codes(params, x, auxk_k, mask=dead)
+    err = jnp.sum(S.squared_errors(params["decoder"], aux, e, (auxk_k,))) / x.size
+    denom = jnp.maximum(jnp.mean(jnp.square(e - jnp.mean(e, axis=0, keepdims=True))), 1e-12)
+    return jnp.where(jnp.any(dead), err / denom, 0.0)
+
+
+def make_loss_fn(spec: StepSpec):
+    """The step's differentiable objective ``loss_fn(params, state, batch) -> (loss, extras)``
+    (extras: the loss terms, this step's L0, the controller and buffers after it, and the
+    (D,) mask of latents that fired), for ``spec.strategy``."""
+    fcfg, tcfg = spec.factorizer, spec.training
+    arch = fcfg.arch
+    sparse = spec.strategy == "sparse"
+    D = fcfg.d_features
+
+    def loss_fn(params: F.Params, state: TrainState, batch: Batch) -> tuple[jax.Array, dict]:
+        step = state.step + 1
+        x = batch.x
+        lam = prism_weight(tcfg, step)
+        dead = state.since_fired >= tcfg.auxk_dead_steps
+        zero = jnp.zeros((), jnp.float32)
+        if sparse:
+            terms = F.sparse_reconstruction_loss(fcfg, params, state.buffers, x, spec.k, train=True)
+            stats = S.code_stats(terms.code, D)
+        else:
+            terms = F.reconstruction_loss(fcfg, params, state.buffers, x, spec.k, train=True)
+            stats = S.dense_code_stats(terms.code)
+        code = terms.code
+        step_l0 = jax.lax.stop_gradient(stats.l0)
+        controller = state.controller
+        if spec.controller_on:
+            controller = controller_update(spec, controller, step_l0, step)
+        loss = terms.rec
+        penalty = arch.sparsity_penalty(tcfg, terms, controller["coeff"] if spec.controller_on else None)
+        if penalty is not None:
+            loss = loss + penalty
+        sparsity = (terms.aux, zero if penalty is None else penalty)
+        buffers = terms.buffers
+        prism = zero
+        if spec.prism_on and batch.prism is not None:
+            prism, buffers = (sparse_prism_loss if sparse else prism_loss)(fcfg, params, buffers, batch.prism, spec.k)
+            loss = loss + lam * prism
+        if tcfg.code_l2 > 0:
+            l2 = stats.sum_sq / (x.shape[0] * D) if sparse else jnp.mean(jnp.square(code))
+            loss = loss + tcfg.code_l2 * l2
+        aux_k = zero
+        if tcfg.auxk_coeff > 0:
+            if sparse:
+                aux_k = sparse_auxk_loss(params, x, code, dead, spec.auxk_k)
+            else:
+                aux_k = auxk_loss(params, x, F.decode(params, code), dead, spec.auxk_k)
+            loss = loss + tcfg.auxk_coeff * aux_k
+        extras = {
+            "rec": terms.rec, "prism": prism, "aux": terms.aux, "auxk": aux_k, "step_l0": step_l0, "sparsity": sparsity,
+            "controller": controller, "buffers": buffers, "fired": stats.fired,
+        }
+        return loss, extras
+
+    return loss_fn
+
+
 def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | None = None):
     """The pure update ``train_step(state, batch) -> (state, metrics)`` for ``spec``.
 
@@ -185,45 +297,12 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | No
     fcfg, tcfg = spec.factorizer, spec.training
     arch = fcfg.arch
     optimizer = make_optimizer(tcfg) if optimizer is None else optimizer
+    loss_fn = make_loss_fn(spec)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         step = state.step + 1
-        x = batch.x
         lam = prism_weight(tcfg, step)
-        dead = state.since_fired >= tcfg.auxk_dead_steps
-        zero = jnp.zeros((), jnp.float32)
-
-        def loss_fn(params):
-            terms = F.reconstruction_loss(fcfg, params, state.buffers, x, spec.k, train=True)
-            code = terms.code
-            step_l0 = jax.lax.stop_gradient(F.active_count(code))
-            controller = state.controller
-            if spec.controller_on:
-                controller = controller_update(spec, controller, step_l0, step)
-            loss = terms.rec
-            penalty = arch.sparsity_penalty(tcfg, terms, controller["coeff"] if spec.controller_on else None)
-            if penalty is not None:
-                loss = loss + penalty
-            sparsity = (terms.aux, zero if penalty is None else penalty)
-            buffers = terms.buffers
-            prism = zero
-            if spec.prism_on and batch.prism is not None:
-                prism, buffers = prism_loss(fcfg, params, buffers, batch.prism, spec.k)
-                loss = loss + lam * prism
-            if tcfg.code_l2 > 0:
-                loss = loss + tcfg.code_l2 * jnp.mean(jnp.square(code))
-            aux_k = zero
-            if tcfg.auxk_coeff > 0:
-                aux_k = auxk_loss(params, x, F.decode(params, code), dead, spec.auxk_k)
-                loss = loss + tcfg.auxk_coeff * aux_k
-            fired = jnp.any(code > 0, axis=0)
-            extras = {
-                "rec": terms.rec, "prism": prism, "aux": terms.aux, "auxk": aux_k, "step_l0": step_l0, "sparsity": sparsity,
-                "controller": controller, "buffers": buffers, "fired": fired,
-            }
-            return loss, extras
-
-        (loss, ex), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, ex), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if arch.renormalize_decoder:
@@ -267,7 +346,8 @@ def make_train_step(spec: StepSpec, optimizer: optax.GradientTransformation | No
 def sample_batch_for(spec: StepSpec, data: TrainData, rng: jax.Array, step: Any) -> Batch:
     """The batch of update ``step`` for ``spec`` (no prism batch when the prism term is off)."""
     return sample_batch(
-        data, rng, step, batch_size=spec.training.batch_size, prism_batch=spec.prism_batch if spec.prism_on else 0
+        data, rng, step, batch_size=spec.training.batch_size, prism_batch=spec.prism_batch if spec.prism_on else 0,
+        row_sampler=spec.training.row_sampler,
     )
 
 
@@ -290,8 +370,11 @@ __all__ = [
     "PrismBatch",
     "make_optimizer",
     "make_train_step",
+    "make_loss_fn",
     "sample_batch_for",
     "prism_loss",
+    "sparse_prism_loss",
+    "sparse_auxk_loss",
     "selected_prism_loss",
     "sample_row_indices",
     "controller_update",

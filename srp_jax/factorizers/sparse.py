@@ -1,0 +1,394 @@
+"""Sparse codes: the k active (value, index) pairs of each row, and kernels that touch only them.
+
+A TopK code has at most k nonzeros per row, so its decode, its reconstruction error and every
+gradient need only the k selected decoder rows and encoder columns of each example:
+
+* :func:`topk_codes` — ``(values, indices)`` (B, k) of ``TopK_k(ReLU(x W + b))`` (the dense
+  (B, D) pre-activation is computed once, unavoidably: the top k need all D of them). Its
+  gradient is custom: only the k selected pre-activations carry one, so the encoder-kernel
+  gradient is a scatter-add of ``g_bk * x_b`` into k columns per example instead of the dense
+  ``x^T (B x D)`` product;
+* :func:`decode` — ``sum_s v_bs * decoder[i_bs]`` (B, d); backward: a gather-dot for the values
+  and a scatter-add of ``v_bs * g_b`` into the k decoder rows for the decoder;
+* :func:`squared_errors` — ``||decode(prefix of k_l) - target||^2`` per row at nested budgets
+  ``levels`` (the MSE and the Matryoshka losses) in one gather pass that also keeps what the
+  backward needs (so the backward is scatter-adds only);
+* :func:`probe_dots` — ``probe_b . decode_b`` per row (the prism term needs only h . x_hat);
+* :func:`code_stats` — L0, sum of squares and the fired mask of a sparse code.
+
+Every function equals its dense counterpart (``topk_mask`` + ``decode``) up to float
+summation order. Loops: on CPU the gathers and scatter-adds run over blocks of
+rows (:func:`default_block_rows`), so the (block, k, d) rows they touch stay
+in cache and no (B, k, d) array is ever materialised; on accelerators one block is the whole
+batch. All loops are sequential, so results are deterministic (bitwise resume).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .kernels import HIGHEST, Params
+
+#: working set (floats) of one block of the gather / scatter-add loops on CPU: rows * k * d
+#: (measured best at 8-32 rows for d 576, k 128: the block's rows stay in cache; see
+#: docs/performance.md). ``None`` forces one block (the whole batch).
+CPU_BLOCK_ELEMENTS: int | None = 1 << 20
+#: working set (floats) of one block of the encoder forward + top-k on CPU: rows * D (a block
+#: of pre-activations stays in the last-level cache instead of a (B, D) array in fresh memory)
+CPU_ENCODE_ELEMENTS: int | None = 1 << 22
+
+
+class SparseCode(NamedTuple):
+    """The active entries of a (B, D) code: ``values`` (B, k) float32 (descending per row, may
+    hold zeros when fewer than k pre-activations are positive) at ``indices`` (B, k) int32."""
+
+    values: jax.Array
+    indices: jax.Array
+
+
+class CodeStats(NamedTuple):
+    """``l0`` mean count of positive entries per row; ``sum_sq`` sum of all squared entries;
+    ``fired`` (D,) bool: positive in at least one row."""
+
+    l0: jax.Array
+    sum_sq: jax.Array
+    fired: jax.Array
+
+
+def _rows_for(budget: int | None, batch: int, per_row: int) -> int:
+    if budget is None or jax.default_backend() != "cpu":
+        return batch
+    return max(1, min(batch, budget // max(1, per_row)))
+
+
+def default_block_rows(batch: int, k: int, d: int) -> int:
+    """Rows per gather / scatter block: a working set of :data:`CPU_BLOCK_ELEMENTS` floats on
+    CPU, the whole batch on accelerators (one large gather / scatter-add)."""
+    return _rows_for(CPU_BLOCK_ELEMENTS, batch, k * d)
+
+
+def default_encode_rows(batch: int, width: int) -> int:
+    """Rows per encoder-forward block: :data:`CPU_ENCODE_ELEMENTS` pre-activations on CPU, the
+    whole batch on accelerators."""
+    return _rows_for(CPU_ENCODE_ELEMENTS, batch, width)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocked loops (row blocks; the leading axis of every argument is the batch)
+
+
+def _blocked(arrays: list[jax.Array], block: int) -> tuple[list[jax.Array], int]:
+    """Pad the batch axis to a multiple of ``block`` (zeros) -> (padded arrays, n_blocks)."""
+    B = arrays[0].shape[0]
+    n = -(-B // block)
+    pad = n * block - B
+    if pad:
+        arrays = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+    return arrays, n
+
+
+def _slice(a: jax.Array, t: jax.Array, block: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, t * block, block, axis=0)
+
+
+def _map_blocks(fn, arrays: list[jax.Array], out_widths: tuple[tuple[int, ...], ...], block: int):
+    """``fn(*row_block) -> tuple of (block, *width)`` over row blocks; outputs (B, *width)."""
+    B = arrays[0].shape[0]
+    padded, n = _blocked(arrays, block)
+    if n == 1:
+        return tuple(o[:B] for o in fn(*padded))
+    outs = tuple(jnp.zeros((n * block, *w), jnp.float32) for w in out_widths)
+
+    def body(t, outs):
+        res = fn(*(_slice(a, t, block) for a in padded))
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, r, t * block, axis=0) for o, r in zip(outs, res))
+
+    return tuple(o[:B] for o in jax.lax.fori_loop(0, n, body, outs))
+
+
+def _gather(table: jax.Array, indices: jax.Array) -> jax.Array:
+    """table[indices] (..., k, d) for in-range indices (no clamping)."""
+    return table.at[indices].get(mode="promise_in_bounds")
+
+
+def scatter_add_rows(coef: jax.Array, rows: jax.Array, indices: jax.Array, width: int, block: int | None = None) -> jax.Array:
+    """``out (width, d)`` with ``out[indices[b, s]] += coef[b, s] * rows[b]``: coef, indices
+    (B, k), rows (B, d). The transpose of a gather; sequential over row blocks."""
+    B, k = indices.shape
+    d = rows.shape[-1]
+    block = default_block_rows(B, k, d) if block is None else block
+    (cb, rb, ib), n = _blocked([coef, rows, indices], block)
+
+    def add(acc, c, r, i):
+        upd = (c[..., None] * r[:, None, :]).reshape(-1, d)
+        return acc.at[i.reshape(-1)].add(upd, mode="promise_in_bounds")
+
+    acc = jnp.zeros((width, d), rows.dtype)
+    if n == 1:
+        return add(acc, cb, rb, ib)
+    return jax.lax.fori_loop(0, n, lambda t, a: add(a, _slice(cb, t, block), _slice(rb, t, block), _slice(ib, t, block)), acc)
+
+
+def scatter_add_values(values: jax.Array, indices: jax.Array, width: int) -> jax.Array:
+    """``out (width,)`` with ``out[indices[b, s]] += values[b, s]``."""
+    return jnp.zeros((width,), values.dtype).at[indices.reshape(-1)].add(values.reshape(-1), mode="promise_in_bounds")
+
+
+def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
+    """``sum_s coef[b, s] * table[indices[b, s]]`` (B, d): the sparse decode kernel."""
+    block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
+    fn = lambda c, i: (jnp.einsum("bk,bkd->bd", c, _gather(table, i), precision=HIGHEST),)  # noqa: E731
+    return _map_blocks(fn, [coef, indices], ((table.shape[1],),), block)[0]
+
+
+def dot_rows(table: jax.Array, probe: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
+    """``table[indices[b, s]] . probe[b]`` (B, k): the transpose of :func:`combine_rows` in coef."""
+    block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
+    fn = lambda p, i: (jnp.einsum("bd,bkd->bk", p, _gather(table, i), precision=HIGHEST),)  # noqa: E731
+    return _map_blocks(fn, [probe, indices], ((indices.shape[1],),), block)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The TopK selection with its sparse gradient
+
+
+def _select_block(kernel, bias, x, mask, k):
+    acts = jax.nn.relu(jnp.matmul(x, kernel, precision=HIGHEST) + bias)
+    if mask is not None:
+        acts = jnp.where(mask, acts, 0.0)
+    values, indices = jax.lax.top_k(acts, k)
+    return values, indices.astype(jnp.int32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _topk_select(kernel, bias, x, mask, k):
+    B = x.shape[0]
+    block = default_encode_rows(B, kernel.shape[1])
+    (xb,), n = _blocked([x], block)
+    if n == 1:
+        values, indices = _select_block(kernel, bias, xb, mask, k)
+        return values[:B], indices[:B]
+    values, indices = jax.lax.map(lambda xx: _select_block(kernel, bias, xx, mask, k), xb.reshape(n, block, -1))
+    return values.reshape(n * block, k)[:B], indices.reshape(n * block, k)[:B]
+
+
+def _topk_select_fwd(kernel, bias, x, mask, k):
+    values, indices = _topk_select(kernel, bias, x, mask, k)
+    return (values, indices), (kernel, x, values, indices, mask)
+
+
+def _topk_select_bwd(k, res, cotangents):
+    kernel, x, values, indices, mask = res
+    g_values = cotangents[0]
+    # relu' is 1 exactly where the selected value is positive (masked entries are 0)
+    g_pre = jnp.where(values > 0, g_values, 0.0)
+    D = kernel.shape[1]
+    g_kernel = scatter_add_rows(g_pre, x, indices, D).T
+    g_bias = scatter_add_values(g_pre, indices, D)
+    g_x = combine_rows(kernel.T, g_pre, indices)  # dropped by XLA when x needs no gradient
+    return g_kernel, g_bias, g_x, None
+
+
+_topk_select.defvjp(_topk_select_fwd, _topk_select_bwd)
+
+
+def topk_codes(params: Params, x: jax.Array, k: int, mask: jax.Array | None = None) -> SparseCode:
+    """The TopK code of rows x (B, d) as (values, indices) (B, k): the k largest of
+    ``ReLU(x @ kernel + bias)`` (``mask`` (D,) bool: only those features compete, the others
+    count as 0), ties to the lower index, values descending. ``1 <= k <= D``.
+
+    Equal to ``topk_mask`` scattered densely; differentiable in params and x with the sparse
+    gradient (only the selected pre-activations carry one).
+    """
+    enc = params["encoder"]
+    values, indices = _topk_select(enc["kernel"], enc["bias"], x, mask, int(k))
+    return SparseCode(values, indices)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode, reconstruction errors and probe dots (custom gradients: scatter-adds only)
+
+
+@jax.custom_vjp
+def decode(decoder: jax.Array, values: jax.Array, indices: jax.Array) -> jax.Array:
+    """``sum_s values[b, s] * decoder[indices[b, s]]`` (B, d): the decode of a sparse code."""
+    return combine_rows(decoder, values, indices)
+
+
+def _decode_fwd(decoder, values, indices):
+    return decode(decoder, values, indices), (decoder, values, indices)
+
+
+def _decode_bwd(res, g):
+    decoder, values, indices = res
+    return scatter_add_rows(values, g, indices, decoder.shape[0]), dot_rows(decoder, g, indices), None
+
+
+decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def decode_code(params: Params, code: SparseCode) -> jax.Array:
+    """The reconstruction (B, d) of a :class:`SparseCode` with ``params["decoder"]``."""
+    return decode(params["decoder"], code.values, code.indices)
+
+
+def _level_errors(decoder, values, indices, target, levels, block):
+    """Forward of :func:`squared_errors`: errors (L, B), residuals r_l (L, B, d), and
+    q_l = rows . r_l (L, B, k) (zero beyond k_l)."""
+    k = values.shape[1]
+    d = decoder.shape[1]
+    L = len(levels)
+    slot = jnp.arange(k)
+
+    def fn(v, i, y):
+        rows = _gather(decoder, i)  # (b, k, d)
+        errs, resid, q = [], [], []
+        for kl in levels:
+            xhat = jnp.einsum("bk,bkd->bd", v[:, :kl], rows[:, :kl], precision=HIGHEST)
+            r = xhat - y
+            errs.append(jnp.sum(r * r, axis=-1))
+            resid.append(r)
+            q.append(jnp.where(slot < kl, jnp.einsum("bd,bkd->bk", r, rows, precision=HIGHEST), 0.0))
+        return jnp.stack(errs, 1), jnp.stack(resid, 1), jnp.stack(q, 1)
+
+    block = default_block_rows(values.shape[0], k, d) if block is None else block
+    e, r, q = _map_blocks(fn, [values, indices, target], ((L,), (L, d), (L, k)), block)
+    return e.T, jnp.moveaxis(r, 1, 0), jnp.moveaxis(q, 1, 0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _squared_errors(decoder, values, indices, target, levels):
+    return _level_errors(decoder, values, indices, target, levels, None)[0]
+
+
+def _squared_errors_fwd(decoder, values, indices, target, levels):
+    e, r, q = _level_errors(decoder, values, indices, target, levels, None)
+    return e, (decoder, values, indices, r, q)
+
+
+def _squared_errors_bwd(levels, res, g):
+    decoder, values, indices, r, q = res
+    k = values.shape[1]
+    # d e_l / d v_s = 2 q_l[s] (s < k_l); d e_l / d target = -2 r_l
+    g_values = 2.0 * jnp.einsum("lb,lbk->bk", g, q)
+    g_r = 2.0 * g[:, :, None] * r  # (L, B, d)
+    g_target = -jnp.sum(g_r, axis=0)
+    # decoder row of slot s: v_s * sum_{l: s < k_l} g_r[l] -> one scatter per segment of slots
+    bounds = sorted({0, *levels})
+    g_decoder = jnp.zeros_like(decoder)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        members = [j for j, kl in enumerate(levels) if kl >= hi]
+        rows = sum(g_r[j] for j in members)
+        g_decoder = g_decoder + scatter_add_rows(values[:, lo:hi], rows, indices[:, lo:hi], decoder.shape[0])
+    return g_decoder, g_values, None, g_target
+
+
+_squared_errors.defvjp(_squared_errors_fwd, _squared_errors_bwd)
+
+
+def squared_errors(decoder: jax.Array, code: SparseCode, target: jax.Array, levels: tuple[int, ...]) -> jax.Array:
+    """``||sum_{s < k_l} v_s decoder[i_s] - target_b||^2`` (L, B) for each budget k_l in
+    ``levels`` (each <= k, the code's width; prefixes of a descending TopK code are the TopK
+    codes of smaller budgets). ``sum(...) / (B * d)`` is the MSE at that budget."""
+    levels = tuple(int(kl) for kl in levels)
+    if not levels or min(levels) < 1 or max(levels) > code.values.shape[1]:
+        raise ValueError(f"levels {levels} must lie in [1, {code.values.shape[1]}]")
+    return _squared_errors(decoder, code.values, code.indices, target, levels)
+
+
+def _probe_fwd_terms(decoder, values, indices, probe):
+    p = dot_rows(decoder, probe, indices)  # (B, k) = decoder[i] . probe
+    return jnp.sum(values * p, axis=-1), p
+
+
+@jax.custom_vjp
+def _probe_dots(decoder, values, indices, probe):
+    return _probe_fwd_terms(decoder, values, indices, probe)[0]
+
+
+def _probe_dots_fwd(decoder, values, indices, probe):
+    out, p = _probe_fwd_terms(decoder, values, indices, probe)
+    return out, (decoder, values, indices, probe, p)
+
+
+def _probe_dots_bwd(res, g):
+    decoder, values, indices, probe, p = res
+    g_decoder = scatter_add_rows(values * g[:, None], probe, indices, decoder.shape[0])
+    g_probe = g[:, None] * combine_rows(decoder, values, indices)  # dropped when unused
+    return g_decoder, g[:, None] * p, None, g_probe
+
+
+_probe_dots.defvjp(_probe_dots_fwd, _probe_dots_bwd)
+
+
+def probe_dots(decoder: jax.Array, code: SparseCode, probe: jax.Array) -> jax.Array:
+    """``probe_b . decode(code)_b`` (B,) without forming the decode (the prism term's h . x_hat)."""
+    return _probe_dots(decoder, code.values, code.indices, probe)
+
+
+# --------------------------------------------------------------------------------------------
+# Code statistics and conversion
+
+
+def code_stats(code: SparseCode, width: int) -> CodeStats:
+    """L0 (mean positive entries per row), sum of squares and the fired mask (width,)."""
+    positive = code.values > 0
+    l0 = jnp.mean(jnp.sum(positive.astype(jnp.float32), axis=-1))
+    fired = scatter_add_values(positive.astype(jnp.int32), code.indices, width) > 0
+    return CodeStats(l0, jnp.sum(jnp.square(code.values)), fired)
+
+
+def dense_code_stats(code: jax.Array) -> CodeStats:
+    """:func:`code_stats` of a dense (B, D) code."""
+    return CodeStats(
+        jnp.mean(jnp.sum((code > 0).astype(jnp.float32), axis=-1)), jnp.sum(jnp.square(code)), jnp.any(code > 0, axis=0)
+    )
+
+
+def by_feature(code: SparseCode, width: int) -> SparseCode:
+    """The same code laid out for reading: nonzero entries ascending by feature index, then
+    padding (index -1, value 0). ``width`` is D."""
+    key = jnp.where(code.values != 0, code.indices, width)
+    key, values, indices = jax.lax.sort((key, code.values, code.indices), dimension=code.values.ndim - 1, num_keys=1)
+    valid = key < width
+    return SparseCode(jnp.where(valid, values, 0.0), jnp.where(valid, indices, -1).astype(jnp.int32))
+
+
+def safe_indices(indices: jax.Array) -> jax.Array:
+    """Padding indices (-1) replaced by 0, for gathers whose padded coefficients are 0."""
+    return jnp.where(indices >= 0, indices, 0)
+
+
+def to_dense(code: SparseCode, width: int) -> jax.Array:
+    """The dense (B, width) code (zeros outside the active entries; padding -1 is dropped)."""
+    B = code.values.shape[0]
+    idx = jnp.where(code.indices >= 0, code.indices, width)
+    return jnp.zeros((B, width), code.values.dtype).at[jnp.arange(B)[:, None], idx].set(code.values, mode="drop")
+
+
+__all__ = [
+    "CPU_BLOCK_ELEMENTS",
+    "CPU_ENCODE_ELEMENTS",
+    "SparseCode",
+    "CodeStats",
+    "default_block_rows",
+    "default_encode_rows",
+    "scatter_add_rows",
+    "scatter_add_values",
+    "combine_rows",
+    "dot_rows",
+    "topk_codes",
+    "decode",
+    "decode_code",
+    "squared_errors",
+    "probe_dots",
+    "code_stats",
+    "dense_code_stats",
+    "by_feature",
+    "safe_indices",
+    "to_dense",
+]

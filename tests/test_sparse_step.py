@@ -1,0 +1,242 @@
+"""The sparse train step equals the dense one: kernels, losses, gradients, whole steps.
+
+Every sparse kernel is checked against its dense formula (``topk_mask`` + ``decode`` with
+autodiff through the dense (B, D) code), on small shapes with batches that do not divide the
+block size (the padded last block), for topk and matryoshka_topk, with the prism term, code L2
+and AuxK. Tolerances: float32 summation-order differences only (~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srp_jax import factorizers as F
+from srp_jax.compile import resolve_step_strategy
+from srp_jax.config import FactorizerConfig, TrainingConfig
+from srp_jax.errors import ConfigError
+from srp_jax.factorizers import kernels as K
+from srp_jax.factorizers import sparse as S
+from srp_jax.train.compiled import compile_training
+from srp_jax.train.state import init_train_state
+from srp_jax.train.step import StepSpec, TrainData, make_loss_fn, make_optimizer, sample_batch_for
+
+RTOL = 2e-5
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _setup(D=48, d=12, B=37, seed=0):
+    kp, kx, kb = jax.random.split(jax.random.PRNGKey(seed), 3)
+    cfg = FactorizerConfig("topk", D, 5)
+    params, _ = F.init_factorizer(kp, cfg, d)
+    # a bias so that some rows have fewer than k positive pre-activations (zeros get selected)
+    params["encoder"]["bias"] = jax.random.normal(kb, (D,)) * 0.03 - 0.05
+    x = jax.random.normal(kx, (B, d))
+    return params, x / jnp.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("block", [1, 4, 16, None])
+def test_kernels_match_dense_formulas_for_any_block(block, monkeypatch):
+    # budgets in floats: 1 row, 4 rows (k 5, d 12), 16 rows, one block
+    monkeypatch.setattr(S, "CPU_BLOCK_ELEMENTS", None if block is None else block * 5 * 12)
+    monkeypatch.setattr(S, "CPU_ENCODE_ELEMENTS", None if block is None else max(1, block // 2) * 48)
+    params, x = _setup()
+    k, D = 5, 48
+    code = S.topk_codes(params, x, k)
+    dense = K.topk_mask(jax.nn.relu(K.pre_activation(params, x)), k)
+    np.testing.assert_array_equal(np.asarray(S.to_dense(code, D)), np.asarray(dense))
+    assert code.indices.dtype == jnp.int32 and np.all(np.diff(np.asarray(code.values), axis=1) <= 0)
+    assert np.any(np.asarray(code.values) == 0)  # the zero-selection case is exercised
+    recon = K.decode(params, dense)
+    np.testing.assert_allclose(S.decode_code(params, code), recon, rtol=1e-6, atol=1e-7)
+    errs = S.squared_errors(params["decoder"], code, x, (2, 5, 3))
+    for j, kl in enumerate((2, 5, 3)):
+        part = K.decode(params, K.topk_mask(jax.nn.relu(K.pre_activation(params, x)), kl))
+        np.testing.assert_allclose(errs[j], jnp.sum((part - x) ** 2, axis=-1), rtol=1e-5, atol=1e-7)
+    h = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+    np.testing.assert_allclose(S.probe_dots(params["decoder"], code, h), jnp.sum(h * recon, -1), rtol=1e-5, atol=1e-6)
+    stats, want = S.code_stats(code, D), S.dense_code_stats(dense)
+    assert float(stats.l0) == float(want.l0) and np.array_equal(np.asarray(stats.fired), np.asarray(want.fired))
+    np.testing.assert_allclose(stats.sum_sq, want.sum_sq, rtol=1e-6)
+
+
+def test_gradients_of_every_sparse_kernel_match_autodiff_of_the_dense_code():
+    params, x = _setup(B=29)
+    k, D = 5, 48
+    h = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+    mask = jnp.arange(D) % 3 != 0
+    weights = jax.random.normal(jax.random.PRNGKey(4), (2, x.shape[0]))
+
+    def dense_terms(p, x, h):
+        acts = jax.nn.relu(K.pre_activation(p, x))
+        full = K.topk_mask(acts, k)
+        masked = K.topk_mask(jnp.where(mask, acts, 0.0), 4)
+        e = [jnp.sum((K.decode(p, K.topk_mask(acts, kl)) - x) ** 2, -1) for kl in (3, 5)]
+        return (jnp.sum(weights * jnp.stack(e)) + jnp.sum(h * K.decode(p, full)) * 0.3
+                + jnp.sum(full**2) * 0.1 + jnp.sum(K.decode(p, masked) * x))
+
+    def sparse_terms(p, x, h):
+        code = S.topk_codes(p, x, k)
+        e = S.squared_errors(p["decoder"], code, x, (3, 5))
+        masked = S.topk_codes(p, x, 4, mask=mask)
+        return (jnp.sum(weights * e) + jnp.sum(S.probe_dots(p["decoder"], code, h)) * 0.3
+                + S.code_stats(code, D).sum_sq * 0.1 + jnp.sum(S.decode_code(p, masked) * x))
+
+    want = jax.grad(dense_terms, argnums=(0, 1, 2))(params, x, h)
+    got = jax.jit(jax.grad(sparse_terms, argnums=(0, 1, 2)))(params, x, h)
+    for name, a, b in zip(("params", "x", "h"), got, want):
+        for la, lb in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            assert _rel(la, lb) < RTOL, name
+    assert _rel(sparse_terms(params, x, h), dense_terms(params, x, h)) < 1e-6
+
+
+def test_scatter_and_gather_primitives_by_hand():
+    table = jnp.arange(12.0).reshape(4, 3)
+    idx = jnp.array([[1, 3], [1, 0]], jnp.int32)
+    coef = jnp.array([[2.0, -1.0], [0.5, 1.0]])
+    rows = jnp.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]])
+    want = np.zeros((4, 3))
+    for b in range(2):
+        for s in range(2):
+            want[int(idx[b, s])] += float(coef[b, s]) * np.asarray(rows[b])
+    for block in (1, 2):
+        np.testing.assert_allclose(S.scatter_add_rows(coef, rows, idx, 4, block), want)
+        np.testing.assert_allclose(S.combine_rows(table, coef, idx, block), [2 * table[1] - table[3], 0.5 * table[1] + table[0]])
+        np.testing.assert_allclose(S.dot_rows(table, rows, idx, block), [[table[1] @ rows[0], table[3] @ rows[0]], [table[1] @ rows[1], table[0] @ rows[1]]])
+    np.testing.assert_allclose(S.scatter_add_values(coef, idx, 4), [1.0, 2.5, 0.0, -1.0])
+    with pytest.raises(ValueError, match="levels"):
+        S.squared_errors(table, S.SparseCode(coef, idx), rows, (3,))
+
+
+# --------------------------------------------------------------------------------------------
+# Whole steps
+
+
+def _data(V=60, d=12, N=24, seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((V, d)).astype(np.float32)
+    mu = W.mean(0)
+    a = np.linalg.norm(W - mu, axis=1)
+    ds = SimpleNamespace(
+        rows_normalized=(W - mu) / a[:, None], W_U=W, row_mean=mu, row_norms=a,
+        hidden_train=rng.standard_normal((N, d)).astype(np.float32), top_targets=rng.integers(0, V, (N, 2)),
+    )
+    return ds, rng.uniform(0.5, 1.5, V)
+
+
+CASES = {
+    "topk": (dict(architecture="topk", d_features=40, k=6), {}),
+    "topk_auxk": (dict(architecture="topk", d_features=40, k=6), dict(auxk_coeff=0.5, auxk_k=5, auxk_dead_steps=1)),
+    "matryoshka": (dict(architecture="matryoshka_topk", d_features=40, k=4, k_values=(3, 8, 6), matryoshka_weights=(3, 2, 1)), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sparse_step_loss_and_gradients_equal_the_dense_step(case):
+    fkw, tkw = CASES[case]
+    ds, w = _data()
+    fcfg = FactorizerConfig(**fkw)
+    specs = {}
+    for strategy in ("dense", "sparse"):
+        tcfg = TrainingConfig(steps=10, batch_size=19, lambda_prism=0.3, code_l2=1e-2, prism_top_n=2,
+                              step_strategy=strategy, **tkw)
+        specs[strategy] = StepSpec.build(fcfg, tcfg, 12, ds.hidden_train.shape[0], 2)
+    assert specs["sparse"].strategy == "sparse" and specs["dense"].strategy == "dense"
+    opt = make_optimizer(specs["dense"].training)
+    state = init_train_state(0, fcfg, specs["dense"].training, 12, opt)
+    if tkw.get("auxk_coeff"):  # some latents dead, some alive
+        state = state.replace(since_fired=jnp.where(jnp.arange(40) % 2 == 0, 5, 0).astype(jnp.int32))
+    data = TrainData.from_dataset(ds, w, specs["dense"].prism_ranks)
+    batch = sample_batch_for(specs["dense"], data, state.rng, 1)
+    out = {}
+    for strategy, spec in specs.items():
+        fn = jax.jit(jax.value_and_grad(make_loss_fn(spec), has_aux=True))
+        (loss, ex), grads = fn(state.params, state, batch)
+        out[strategy] = (loss, ex, grads)
+    (ld, exd, gd), (ls, exs, gs) = out["dense"], out["sparse"]
+    assert _rel(ls, ld) < 1e-6
+    for term in ("rec", "prism", "auxk"):
+        assert _rel(exs[term], exd[term]) < 1e-5, term
+    assert float(exd["prism"]) > 0 and (float(exd["auxk"]) > 0) == bool(tkw.get("auxk_coeff"))
+    assert float(exs["step_l0"]) == float(exd["step_l0"])
+    assert np.array_equal(np.asarray(exs["fired"]), np.asarray(exd["fired"]))
+    for la, lb in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(gd)):
+        assert _rel(la, lb) < RTOL
+
+
+def test_compiled_sparse_steps_track_the_dense_run():
+    ds, w = _data()
+    fcfg = FactorizerConfig("matryoshka_topk", 40, 4, k_values=(3, 8), matryoshka_weights=(1, 1))
+    runs = {}
+    for strategy in ("dense", "sparse"):
+        tcfg = TrainingConfig(steps=5, batch_size=16, lambda_prism=0.1, step_strategy=strategy)
+        spec = StepSpec.build(fcfg, tcfg, 12, ds.hidden_train.shape[0], 2)
+        ct = compile_training(spec)
+        state = init_train_state(0, fcfg, tcfg, 12, ct.optimizer)
+        data = TrainData.from_dataset(ds, w, spec.prism_ranks)
+        losses = []
+        for _ in range(5):
+            state, m = ct.step(state, ct.sample(data, state.rng, state.step + 1))
+            losses.append(float(m["loss"]))
+        runs[strategy] = (losses, state)
+    np.testing.assert_allclose(runs["sparse"][0], runs["dense"][0], rtol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(runs["sparse"][1].params), jax.tree_util.tree_leaves(runs["dense"][1].params)):
+        np.testing.assert_allclose(a, b, atol=2e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the strategy is decided
+
+
+def test_strategy_resolution_per_backend_architecture_and_mesh():
+    assert resolve_step_strategy("auto", sparse_supported=True, backend="cpu") == "sparse"
+    assert resolve_step_strategy("auto", sparse_supported=True, sparse_fraction=0.5, backend="cpu") == "dense"
+    for backend in ("gpu", "tpu", "cuda"):
+        assert resolve_step_strategy("auto", sparse_supported=True, backend=backend) == "dense"
+    assert resolve_step_strategy("auto", sparse_supported=False, backend="cpu") == "dense"
+    assert resolve_step_strategy("auto", sparse_supported=True, backend="cpu", sharded=True) == "dense"
+    assert resolve_step_strategy("dense", sparse_supported=True, backend="cpu") == "dense"
+    assert resolve_step_strategy("sparse", sparse_supported=True, backend="gpu") == "sparse"
+    with pytest.raises(ConfigError, match="not available for architecture 'jumprelu'"):
+        resolve_step_strategy("sparse", sparse_supported=False, what="architecture 'jumprelu'")
+    with pytest.raises(ConfigError, match="sharded"):
+        resolve_step_strategy("sparse", sparse_supported=True, sharded=True)
+    with pytest.raises(ConfigError, match="step_strategy"):
+        TrainingConfig(step_strategy="fast")
+
+
+@pytest.mark.parametrize(
+    "fkw, available, auto_sparse",
+    [
+        (dict(architecture="topk", d_features=32, k=4), True, True),  # work 4/32 = 1/8
+        (dict(architecture="topk", d_features=32, k=5), True, False),  # 5/32 > 1/8: dense is cheaper
+        (dict(architecture="topk", d_features=32, k=32), False, False),  # k >= D: the code is dense
+        (dict(architecture="matryoshka_topk", d_features=32, k=4, k_values=(4, 40)), False, False),
+        (dict(architecture="matryoshka_topk", d_features=64, k=4, k_values=(2, 4)), True, True),  # 4 x 2 / 64
+        # the smoke config: widest code 64, three reconstructions, D 1024 -> 3/16: dense
+        (dict(architecture="matryoshka_topk", d_features=1024, k=32, k_values=(16, 32, 64)), True, False),
+        (dict(architecture="batch_topk", d_features=32, k=4), False, False),
+        (dict(architecture="jumprelu", d_features=32), False, False),
+        (dict(architecture="gated", d_features=32), False, False),
+        (dict(architecture="l1_relu", d_features=32), False, False),
+    ],
+)
+def test_which_architectures_have_the_sparse_step(fkw, available, auto_sparse):
+    fcfg = FactorizerConfig(**fkw)
+    assert F.sparse_step_available(fcfg, fcfg.k) is available
+    spec = StepSpec.build(fcfg, TrainingConfig(step_strategy="auto"), 8, 10, backend="cpu")
+    assert spec.strategy == ("sparse" if auto_sparse else "dense")
+    assert StepSpec.build(fcfg, TrainingConfig(step_strategy="auto"), 8, 10, backend="gpu").strategy == "dense"
+    if available:
+        assert StepSpec.build(fcfg, TrainingConfig(step_strategy="sparse"), 8, 10).strategy == "sparse"
+    else:
+        with pytest.raises(ConfigError, match="not available"):
+            StepSpec.build(fcfg, TrainingConfig(step_strategy="sparse"), 8, 10)
