@@ -25,7 +25,7 @@ import numpy as np
 
 from .compile import compiled
 from .dictionary import inference_view
-from .factorizers import pre_activation
+from .factorizers.kernels import HIGHEST
 
 LABEL_MAX_LEN = 36  # the reference's readable label: "tok1/tok2/tok3" cut to 36 characters
 FEATURE_CHUNK = 4096  # features per scan (a (chunk, row block) activation tile at a time)
@@ -35,8 +35,8 @@ FEATURE_CHUNK = 4096  # features per scan (a (chunk, row block) activation tile 
 def _top_rows(params, X, features, row_ok, *, n: int, block: int):
     """(values (F, n), row positions (F, n)) of the n largest activations per feature over
     the rows where ``row_ok``; -inf values where fewer rows qualify."""
-    kernel = params["encoder"]["kernel"][:, features]
-    sub = {"encoder": {"kernel": kernel, "bias": params["encoder"]["bias"][features]}}
+    kernel = params["encoder"]["kernel"][:, features]  # (d, F)
+    bias = params["encoder"]["bias"][features][:, None]  # (F, 1)
     V = X.shape[0]
     n_blocks = -(-V // block)
     pad = n_blocks * block - V
@@ -46,7 +46,9 @@ def _top_rows(params, X, features, row_ok, *, n: int, block: int):
     def body(carry, args):
         best_v, best_i = carry
         xb, okb, start = args
-        acts = jax.nn.relu(pre_activation(sub, xb)).T  # (F, block)
+        # the encoder pre-activation x . E_f + b_f (as kernels.pre_activation), laid out (F, block)
+        # by the contraction itself: a transpose of the (block, F) tile costs as much as the top-k
+        acts = jax.nn.relu(jnp.einsum("df,bd->fb", kernel, xb, precision=HIGHEST) + bias)
         pos = start + jnp.arange(block)
         acts = jnp.where(okb[None, :], acts, -jnp.inf)
         vals = jnp.concatenate([best_v, acts], axis=1)

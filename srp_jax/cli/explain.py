@@ -175,6 +175,20 @@ def _fast_readout_weights(spec: Any, source: str, revision: str | None):
     return load_readout_weights(source, revision=revision)
 
 
+def _fast_tokenizer(spec: Any) -> Any:
+    """A :class:`~srp_jax.tokens.FastTokenizer` when the model's ``tokenizer.json`` is at hand
+    (a converted GGUF, a model folder), else None."""
+    from ..tokens import FastTokenizer, _materialized_folder
+
+    folder = _materialized_folder(spec.path) if spec.kind == "gguf" else spec.path if spec.kind == "folder" else None
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        return FastTokenizer(folder / "tokenizer.json")
+    except ImportError:
+        return None
+
+
 def _from_model(args: argparse.Namespace, timings: Timings) -> Source:
     import numpy as np
 
@@ -198,6 +212,7 @@ def _from_model(args: argparse.Namespace, timings: Timings) -> Source:
     require_extract_extra("srp-jax explain --model")
     model, tokenizer = load_model(spec)
     runner = HiddenStates(model)
+    display = _fast_tokenizer(spec) or tokenizer  # the same tokenizer.json, decoded without transformers' overhead
     timings.lap("model load")
     hidden = []
     for start in range(0, len(prompts), 8):
@@ -218,7 +233,7 @@ def _from_model(args: argparse.Namespace, timings: Timings) -> Source:
             except OSError:
                 pass  # a read-only cache only costs speed
     timings.lap("extraction")
-    return Source(runner.weight(), tokenizer, model_softcap(model), hidden, args.model)
+    return Source(runner.weight(), display, model_softcap(model), hidden, args.model)
 
 
 def _payload_position(h_ln, text: str):
@@ -366,6 +381,10 @@ def _explain_one(hid: Hidden, sae: Any, source: Source, args: argparse.Namespace
 def run(args: argparse.Namespace) -> int:
     timings = Timings()
     _check_args(args)
+    from ..compile import enable_persistent_cache
+    from ..sources import cache_root
+
+    enable_persistent_cache(cache_root() / "jax-compilation")
     from ..dictionary import load_factorizer
     from ..views import explanation_view, render_text, verdict_summary, write_html, write_png
 

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "extract": "extract",
     "verify": "verify",
     "explain": "explain",
+    "features": "features",
 }
 
 
