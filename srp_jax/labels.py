@@ -27,7 +27,7 @@ from .compile import compiled
 from .dictionary import inference_view
 from .factorizers.kernels import HIGHEST
 
-LABEL_MAX_LEN = 36  # the reference's readable label: "tok1/tok2/tok3" cut to 36 characters
+LABEL_MAX_LEN = 36  # the reference's readable label: longer than 36 characters -> the first 35 + "..."
 FEATURE_CHUNK = 4096  # features per scan (a (chunk, row block) activation tile at a time)
 
 
@@ -117,8 +117,9 @@ def top_rows_by_activation(
 
 
 def readable_label(tokens: Sequence[str], max_len: int = LABEL_MAX_LEN) -> str:
-    """``"tok1/tok2/tok3"`` (the first three), whitespace runs collapsed, cut to ``max_len``
-    characters with ``...``; ``""`` when there is no token."""
+    """``"tok1/tok2/tok3"`` (the first three), whitespace runs collapsed; longer than
+    ``max_len``: its first ``max_len - 1`` characters and ``...`` (the reference's rule, as
+    :func:`srp_jax.tokens.clean_text`); ``""`` when there is no token."""
     text = " ".join("/".join(t for t in tokens[:3] if t).split())
     return text if len(text) <= max_len else text[: max_len - 1] + "..."
 
