@@ -154,11 +154,17 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _hidden_cache_file(spec: Any, prompt: str) -> Path:
+def hidden_cache_dir() -> Path:
+    """Where the lm_head inputs of explained prompts are kept (``<srp-jax cache>/hidden``)."""
     from ..sources import cache_root
 
+    return cache_root() / "hidden"
+
+
+def _hidden_cache_file(spec: Any, prompt: str) -> Path:
+    """One file per (model weights, prompt): the model's identity hashes the weights."""
     key = json.dumps({"v": HIDDEN_CACHE_VERSION, "model": spec.identity(), "dtype": "float32", "prompt": prompt}, sort_keys=True)
-    return cache_root() / "hidden" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
+    return hidden_cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
 
 
 def _fast_readout_weights(spec: Any, source: str, revision: str | None):
@@ -207,23 +213,15 @@ def _from_model(args: argparse.Namespace, timings: Timings) -> Source:
         if all(h.shape == (weights.W_U.shape[1],) for h in hs):
             timings.lap("model (cached hidden states)")
             return Source(weights.W_U, tokenizer, weights.softcap, [Hidden(h, p, p) for h, p in zip(hs, prompts)], args.model)
-    from ..extract import HiddenStates, load_model, model_softcap, require_extract_extra
+    from ..extract import HiddenStates, last_token_hidden, load_model, model_softcap, require_extract_extra
 
     require_extract_extra("srp-jax explain --model")
     model, tokenizer = load_model(spec)
     runner = HiddenStates(model)
     display = _fast_tokenizer(spec) or tokenizer  # the same tokenizer.json, decoded without transformers' overhead
     timings.lap("model load")
-    hidden = []
-    for start in range(0, len(prompts), 8):
-        batch = prompts[start : start + 8]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
-        h_all, _ = runner(enc["input_ids"], enc["attention_mask"])
-        mask = enc["attention_mask"].numpy()
-        h_np = h_all.float().cpu().numpy()
-        for i, prompt in enumerate(batch):
-            last = int(np.flatnonzero(mask[i])[-1])  # the last real token (either padding side)
-            hidden.append(Hidden(np.ascontiguousarray(h_np[i, last], np.float32), prompt, prompt))
+    states = last_token_hidden(runner, tokenizer, prompts)
+    hidden = [Hidden(h, prompt, prompt) for h, prompt in zip(states, prompts)]
     if not args.no_cache:
         for hid, file in zip(hidden, files):
             try:
