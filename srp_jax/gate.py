@@ -283,6 +283,10 @@ def explain(
         "feature_abs_sum": float(jnp.sum(jnp.abs(q.contributions))),
     }
     query = {"weights": {int(t): float(w) for t, w in weights.items()}, "mean_subtract": mean_subtract, **meta}
+    if tokenizer is not None:  # how the query's tokens read (the views' titles)
+        from .tokens import clean_token
+
+        query["token_text"] = {int(t): clean_token(tokenizer, t) for t in weights}
     passed = bool(verdict.passed)
     features = None
     if passed:

@@ -138,7 +138,8 @@ def explanation_view(
 
     ``labels``: feature label records (:func:`srp_jax.labels.feature_labels`; a list or a
     mapping by feature id); default the Explanation's own ``labels``. ``token_text`` {token
-    id: display text} names the query's tokens in the title. ``context`` is carried as is.
+    id: display text} names the query's tokens in the title (default: the Explanation's own,
+    when ``explain`` had a tokenizer). ``context`` is carried as is.
     """
     if labels is None:
         labels = getattr(explanation, "labels", None)
@@ -189,8 +190,9 @@ def explanation_view(
     step("residual", "residual", scores["residual"], approx)
     step("total", "exact score", scores["exact"], 0.0)
     query = dict(explanation.query)
+    names = {**(query.get("token_text") or {}), **(token_text or {})}
     return ExplanationView(
-        title=title or query_title(query, token_text),
+        title=title or query_title(query, names),
         query_kind=str(query.get("query_kind")),
         explained=bool(explanation.explained),
         reason=str(explanation.reason),

@@ -230,6 +230,7 @@ def test_quickstart_on_smollm2(smollm2_workspace, monkeypatch, capsys):
     assert len(labels) == 1152 and sum(bool(r["top_token_labels"]) for r in labels) > 1000
     # the notebook's Explanation is the command's, number for number (the same h: cached from the first run)
     e = namespace["e"]
+    capsys.readouterr()  # the snippet's prints
     assert main(ran[0][0] + ["--json", "--timings"]) == 0
     captured = capsys.readouterr()
     assert "model (cached hidden states)" in captured.err  # the prompt's h came from the cache: no model load
@@ -238,7 +239,7 @@ def test_quickstart_on_smollm2(smollm2_workspace, monkeypatch, capsys):
     if e.explained:
         assert [f["contribution"] for f in data["features"]] == [r["contribution"] for r in e.features]
         assert [f["top_tokens"] for f in data["features"]] == [e.labels[r["feature_id"]]["top_token_labels"] for r in e.features]
-    assert "<svg" in e._repr_html_()
+    assert "<svg" in e._repr_html_() and e.view().title == "logit(' Paris')"
 
 
 def norms_of(payload) -> np.ndarray:

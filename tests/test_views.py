@@ -193,3 +193,15 @@ def test_page_in_headless_chromium(toy, tmp_path):
         browser.close()
     assert not problems, problems
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 20_000  # a chart, not an empty page
+
+
+def test_png_without_matplotlib_names_the_views_extra(toy, tmp_path, monkeypatch):
+    import sys
+
+    from srp_jax.errors import DependencyError
+
+    *_, (i, t, e), _ = toy
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(DependencyError, match=r"srp-jax\[views\]"):
+        write_png(tmp_path / "x.png", explanation_view(e))
+    assert not (tmp_path / "x.png").exists()
