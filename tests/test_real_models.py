@@ -228,17 +228,23 @@ def test_quickstart_on_smollm2(smollm2_workspace, monkeypatch, capsys):
     assert Path("prompts.html").read_text(encoding="utf-8").count('<tr class="srp-row') == 4
     labels = json.loads(Path("labels/smollm2.json").read_text(encoding="utf-8"))["features"]
     assert len(labels) == 1152 and sum(bool(r["top_token_labels"]) for r in labels) > 1000
-    # the notebook's Explanation is the command's, number for number (the same h: cached from the first run)
+    # the notebook's Explanation is the command's (h from another load of the model: CPU GEMMs
+    # may differ in the last bits between model instances, so to float32 round-off)
     e = namespace["e"]
     capsys.readouterr()  # the snippet's prints
     assert main(ran[0][0] + ["--json", "--timings"]) == 0
     captured = capsys.readouterr()
     assert "model (cached hidden states)" in captured.err  # the prompt's h came from the cache: no model load
     data = json.loads(captured.out)
-    assert data["scores"] == json.loads(json.dumps(e.scores)) and data["explained"] == e.explained
+    for key in ("exact", "base", "feature_sum", "residual", "approx"):
+        assert data["scores"][key] == pytest.approx(e.scores[key], rel=1e-5, abs=1e-5), key
+    assert data["explained"] == e.explained and data["title"] == e.view().title
     if e.explained:
-        assert [f["contribution"] for f in data["features"]] == [r["contribution"] for r in e.features]
-        assert [f["top_tokens"] for f in data["features"]] == [e.labels[r["feature_id"]]["top_token_labels"] for r in e.features]
+        mine = {r["feature_id"]: r for r in e.features}
+        assert {f["feature_id"] for f in data["features"]} == set(mine) == set(e.labels)
+        for f in data["features"]:
+            assert f["contribution"] == pytest.approx(mine[f["feature_id"]]["contribution"], rel=1e-4, abs=1e-6)
+            assert f["top_tokens"] == e.labels[f["feature_id"]]["top_token_labels"]
     assert "<svg" in e._repr_html_() and e.view().title == "logit(' Paris')"
 
 

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         "format_version": 1,
         "rule": "top rows by encoder activation relu(x_v . E_f + b_f) over the normalized rows (the reference's display "
                 "labelling); with a tokenizer: cleaned tokens, undisplayable tokens and repeats skipped; rows where the "
-                f"feature is off (activation 0) never label it; label = the first three joined by '/', cut to {LABEL_MAX_LEN}",
+                f"feature is off (activation 0) never label it; label = the first three joined by '/' (longer than "
+                f"{LABEL_MAX_LEN} characters: the first {LABEL_MAX_LEN - 1} and '...')",
         "dictionary": args.dictionary,
         "readout": where,
         "tokenizer": tok_src,
