@@ -335,7 +335,7 @@ def render_svg(view: ExplanationView) -> str:
         fill = "url(#srp-hatch)" if st["kind"] == "features_withheld" else _color(st)
         attrs = " ".join(
             f'data-{k}="{html.escape(repr(v) if isinstance(v, float) else str(v))}"'
-            for k, v in (("kind", st["kind"]), ("value", st["value"]), ("start", st["start"]), ("end", st["end"])) 
+            for k, v in (("kind", st["kind"]), ("value", st["value"]), ("start", st["start"]), ("end", st["end"]))
         )
         fid = f' data-feature="{st["feature_id"]}"' if "feature_id" in st else ""
         tip = html.escape(_tip(view, st))
@@ -417,7 +417,8 @@ def render_html(view: ExplanationView, *, anchor: str | None = None, script: boo
     a notebook cell."""
     s, ctx = view.scores, view.context
     ok = view.explained
-    parts = [f'<div class="srp-view"{f" id={chr(34)}{_e(anchor)}{chr(34)}" if anchor else ""}>', f"<style>{CSS}</style>"]
+    ident = f' id="{_e(anchor)}"' if anchor else ""
+    parts = [f'<div class="srp-view"{ident}>', f"<style>{CSS}</style>"]
     parts.append(f"<h2>{_e(view.title)}</h2>")
     if ctx.get("prompt") is not None:
         parts.append(f'<div class="srp-prompt">prompt: <code>{_e(ctx["prompt"])}</code></div>')
