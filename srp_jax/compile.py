@@ -176,6 +176,23 @@ def resolve_step_strategy(
     return "sparse" if sparse_supported and cheap and not sharded and backend in SPARSE_STEP_BACKENDS else "dense"
 
 
+def enable_persistent_cache(directory: Any) -> bool:
+    """Keep compiled kernels on disk between processes (JAX's persistent compilation cache),
+    so a short command (``srp-jax explain``) does not recompile the same kernels every run.
+
+    ``directory``: the CLI passes ``<srp-jax cache>/jax-compilation``. Off when the
+    environment sets ``SRP_JAX_COMPILATION_CACHE=0`` or JAX already has a cache directory.
+    Returns whether this call turned it on.
+    """
+    import os
+
+    if os.environ.get("SRP_JAX_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return False
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return True
+
+
 __all__ = ["DATA", "MODEL", "MESH_AXES", "compiled", "compile_step", "mesh_axis_size", "spread_rows", "mesh_context",
            "MeshJitted", "resolve_step_strategy", "STEP_STRATEGIES", "SPARSE_STEP_BACKENDS",
-           "AUTO_SPARSE_MAX_FRACTION"]
+           "AUTO_SPARSE_MAX_FRACTION", "enable_persistent_cache"]

@@ -314,6 +314,24 @@ class HiddenStates:
         return getattr(self.lm_head, "bias", None)
 
 
+def last_token_hidden(runner: HiddenStates, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 8) -> np.ndarray:
+    """The lm_head input at each prompt's last token: (len(prompts), d) float32 NumPy.
+
+    ``runner`` a :class:`HiddenStates` of the model, ``tokenizer`` its tokenizer. Prompts run
+    in padded batches; the last real token is read from the attention mask, so either padding
+    side gives the same states as one prompt at a time.
+    """
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+        h, _ = runner(enc["input_ids"], enc["attention_mask"])
+        mask = enc["attention_mask"].cpu().numpy()
+        h_np = h.float().cpu().numpy()
+        for i in range(h_np.shape[0]):
+            out.append(h_np[i, int(np.flatnonzero(mask[i])[-1])])
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
 def _tokenize(tokenizer, prompts: Sequence[str], max_len: int):
     return tokenizer(list(prompts), return_tensors="pt", padding="max_length", truncation=True, max_length=max_len)
 
@@ -690,6 +708,7 @@ def cached_payload(
 __all__ = [
     "ExtractionSettings",
     "ExtractionError",
+    "last_token_hidden",
     "HiddenStates",
     "extract_payload",
     "cached_payload",

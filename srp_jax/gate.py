@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import as_float_array
-from ._display import html_table
 from .decompose import build_query_weights, decompose_query
 from .errors import ConfigError, ShapeError
 
@@ -184,6 +183,7 @@ class Explanation:
     query: dict[str, Any]
     gate: dict[str, Any]
     features: list[dict[str, Any]] | None
+    labels: dict[int, dict[str, Any]] | None = None
 
     @property
     def withheld(self) -> bool:
@@ -213,14 +213,18 @@ class Explanation:
             return head + f"; top: {top})"
         return head + f"; {self.reason})"
 
+    def view(self, **kwargs: Any) -> Any:
+        """The :class:`srp_jax.views.ExplanationView` of this explanation (keywords go to
+        :func:`srp_jax.views.explanation_view`: ``labels``, ``token_text``, ``title``,
+        ``context``)."""
+        from .views import explanation_view
+
+        return explanation_view(self, **kwargs)
+
     def _repr_html_(self) -> str:
-        s = self.scores
-        rows = [("verdict", ("explained" if self.explained else "withheld") + f": {self.reason_text}"),
-                ("exact", f"{s['exact']:.5g}"), ("base", f"{s['base']:.5g}"),
-                ("features", f"{s['feature_sum']:.5g}"), ("residual", f"{s['residual']:.5g}")]
-        for f in (self.features or [])[:10]:
-            rows.append((f"feature {f['feature_id']}", f"{f['contribution']:+.4g}"))
-        return html_table(f"Explanation of a {self.query.get('query_kind')} query", rows)
+        from .views import render_html
+
+        return render_html(self.view())
 
 
 def explain(
@@ -242,12 +246,16 @@ def explain(
     k: int | None = None,
     preset: str | GateRule = "accepted",
     top_features: int | None = None,
+    labels: int = 0,
     **gate_overrides: Any,
 ) -> Explanation:
     """Decompose one query (any kind of :func:`srp_jax.decompose.build_query_weights`) for
     hidden state ``h`` (d,) and gate it; see :class:`Explanation`.
 
-    ``logits`` (V,) default to h . W_U (float32); the winner kinds rank them.
+    ``logits`` (V,) default to h . W_U (float32); the winner kinds rank them. ``labels`` > 0
+    labels each shown feature of an explained query with its ``labels`` most activating
+    vocabulary rows (:func:`srp_jax.labels.feature_labels`, as tokens when ``tokenizer`` is
+    given).
     """
     rule = gate_rule(preset, **gate_overrides)
     if logits is None and query_kind in ("winner_vs_topk", "winner_vs_rank"):
@@ -272,14 +280,30 @@ def explain(
         "sign_match": bool(verdict.sign_match),
         "identity_abs_error": float(q.identity_abs_error),
         "n_active_features": q.n_active_features,
+        "feature_abs_sum": float(jnp.sum(jnp.abs(q.contributions))),
     }
     query = {"weights": {int(t): float(w) for t, w in weights.items()}, "mean_subtract": mean_subtract, **meta}
+    if tokenizer is not None:  # how the query's tokens read (the views' titles)
+        from .tokens import clean_token
+
+        query["token_text"] = {int(t): clean_token(tokenizer, t) for t in weights}
     passed = bool(verdict.passed)
     features = None
     if passed:
         rows = sorted(q.feature_rows(), key=lambda row: -row["abs_contribution"])
         features = rows if top_features is None else rows[: int(top_features)]
-    return Explanation(passed, verdict.reason_names(), scores, query, dataclasses.asdict(rule), features)
+    records = None
+    if features and labels:
+        from .labels import feature_labels
+        from .readout import Readout
+
+        if row_mean is None:
+            readout = Readout.for_dictionary(W_U, model, rows="all")
+        else:
+            readout = Readout.from_weights(W_U, row_mean=row_mean)
+        ids = [row["feature_id"] for row in features]
+        records = {r["feature_id"]: r for r in feature_labels(model, readout, ids, n=int(labels), tokenizer=tokenizer)}
+    return Explanation(passed, verdict.reason_names(), scores, query, dataclasses.asdict(rule), features, records)
 
 
 __all__ = ["GateRule", "GateResult", "PRESETS", "REASONS", "REASON_TEXT", "gate_rule", "fidelity_gate", "Explanation", "explain"]

@@ -59,3 +59,10 @@ def random_readout_inputs(d: int = 24, V: int = 50, B: int = 7, seed: int = 1):
     W = rng.normal(size=(V, d)).astype(np.float32) + 0.3
     H = (3.0 * rng.normal(size=(B, d))).astype(np.float32)
     return W, H
+
+
+# Tests compile in-process and must not depend on (or fill) the on-disk JAX compilation cache
+# that short CLI commands turn on (srp_jax.compile.enable_persistent_cache).
+import os as _os  # noqa: E402
+
+_os.environ.setdefault("SRP_JAX_COMPILATION_CACHE", "0")

@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # documents whose commands another test runs (at reduced sizes: as written they take hours)
-COVERED_ELSEWHERE = {"real-models.md": "tests/test_real_models.py"}
+COVERED_ELSEWHERE = {"real-models.md": "tests/test_real_models.py", "quickstart.md": "tests/test_real_models.py"}
 DOCS = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name not in COVERED_ELSEWHERE)]
 FENCE = re.compile(r"^(```+)\s*([\w-]*)\s*$")
 DIRECTIVE = re.compile(r"^<!--\s*doc-test:\s*(\w+)\s*(.*?)\s*-->\s*$")

@@ -21,7 +21,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_import_never_imports_torch():
     r = _python(
         "import sys, srp_jax, srp_jax.cli.main, srp_jax.metrics, srp_jax.train, srp_jax.checkpoint, srp_jax.hub\n"
-        "import srp_jax.sources, srp_jax.corpus, srp_jax.verify, srp_jax.tokens, srp_jax.extract\n"
+        "import srp_jax.sources, srp_jax.corpus, srp_jax.verify, srp_jax.tokens, srp_jax.extract, srp_jax.labels, srp_jax.views\n"
         "assert 'transformers' not in sys.modules and 'gguf' not in sys.modules\n"
         "srp_jax.cli.main.build_parser()\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
@@ -58,7 +58,7 @@ def test_cli_help_and_errors(capsys, tmp_path):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in ("demo", "train", "convert", "hub", "extract", "verify", "explain"):
+    for name in ("demo", "train", "convert", "hub", "extract", "verify", "explain", "features"):
         assert name in out
     code = main(["train", "--config", str(tmp_path / "missing.yaml"), "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -92,7 +92,8 @@ def test_help_imports_neither_jax_nor_numpy():
     code = (
         "import sys\n"
         "from srp_jax.cli.main import main\n"
-        "for argv in (['--help'], ['train', '--help'], ['hub', 'fetch', '--help'], ['demo', '--help']):\n"
+        "for argv in (['--help'], ['train', '--help'], ['hub', 'fetch', '--help'], ['demo', '--help'], ['explain', '--help'],\n"
+        "             ['features', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit as exc:\n"

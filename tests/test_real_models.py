@@ -86,20 +86,39 @@ def _reference_extraction(gguf: Path, prompts: list[str]):
     return model.lm_head.weight.detach().numpy(), np.concatenate(hs)
 
 
-def test_docs_end_to_end_on_smollm2(smollm2_gguf, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SRP_JAX_CACHE", os.environ.get("SRP_JAX_CACHE") or str(Path.home() / ".cache" / "srp-jax"))
+@pytest.fixture(scope="session")
+def smollm2_workspace(smollm2_gguf, tmp_path_factory):
+    """docs/real-models.md's commands run once (reduced sizes) in one workspace: the payload
+    and the tiny trained dictionary that the guide's and the quickstart's tests read."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("smollm2")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("SRP_JAX_CACHE", os.environ.get("SRP_JAX_CACHE") or str(Path.home() / ".cache" / "srp-jax"))
+    mp.setattr("srp_jax.cli.explain.hidden_cache_dir", lambda: root / "hidden-cache")  # the model runs here
     commands = _doc_commands()
     assert [c[0] for c in commands] == ["extract", "train", "train", "verify", "verify", "explain"]
     outputs = []
     for words in commands:
         extra = list(REDUCE[words[0]])
         if words[0] == "train" and "--model" in words:
-            extra += REDUCE["extract"] + ["--payload-cache", str(tmp_path / "payloads")]
-        code = main(words + extra)
-        captured = capsys.readouterr()
-        assert code == 0, (words, captured.err[-2000:])
-        outputs.append(captured.out)
+            extra += REDUCE["extract"] + ["--payload-cache", str(root / "payloads")]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(words + extra)
+        assert code == 0, (words, err.getvalue()[-2000:])
+        outputs.append(out.getvalue())
+    yield {"root": root, "commands": commands, "outputs": outputs}
+    mp.undo()
+
+
+def test_docs_end_to_end_on_smollm2(smollm2_workspace, smollm2_gguf, monkeypatch, capsys):
+    tmp_path = smollm2_workspace["root"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("srp_jax.cli.explain.hidden_cache_dir", lambda: tmp_path / "hidden-cache")
+    commands, outputs = smollm2_workspace["commands"], smollm2_workspace["outputs"]
 
     # 1. the payload equals the reference recipe run here on the GGUF itself
     from srp_jax.corpus import builtin_corpus
@@ -154,10 +173,79 @@ def test_docs_end_to_end_on_smollm2(smollm2_gguf, tmp_path, monkeypatch, capsys)
     assert main(commands[5] + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     s = result["scores"]
-    assert result["target_rank"] == 1 and result["top5"][0]["token"] == " Paris"
+    ctx = result["context"]
+    assert ctx["target_rank"] == 1 and ctx["top5"][0]["token"] == " Paris" and result["title"] == "logit(' Paris')"
     assert s["exact"] == pytest.approx(s["base"] + s["feature_sum"] + s["residual"], abs=1e-3)
     W = payload["W_U"]
-    assert s["exact"] == pytest.approx(float(W[result["target_id"]] @ h_paris(smollm2_gguf)), rel=1e-4)
+    assert s["exact"] == pytest.approx(float(W[ctx["target_id"]] @ h_paris(smollm2_gguf)), rel=1e-4)
+    for f in result["features"] or []:  # labels are real tokens (encoder activation, through the tokenizer)
+        assert f["top_tokens"] and not any(t.startswith("tok_") for t in f["top_tokens"])
+
+
+QUICKSTART = DOC.parent / "quickstart.md"
+
+
+def test_quickstart_on_smollm2(smollm2_workspace, monkeypatch, capsys):
+    """docs/quickstart.md as written, in the workspace of the guide's commands: a command the
+    guide already ran (same words) is not run again; the others run as written (training at
+    the reduced size); the prompts file and the notebook snippet come from the page."""
+    root = smollm2_workspace["root"]
+    monkeypatch.chdir(root)
+    monkeypatch.setattr("srp_jax.cli.explain.hidden_cache_dir", lambda: root / "hidden-cache")
+    text = QUICKSTART.read_text(encoding="utf-8")
+    done = [list(c) for c in smollm2_workspace["commands"]]
+    ran, skipped, snippets = [], [], 0
+    for m in re.finditer(r"```(\w*)\n(.*?)```", text, flags=re.S):
+        lang, code = m.group(1), m.group(2)
+        if lang == "text" and "Save these lines as `prompts.txt`" in text[max(0, m.start() - 80) : m.start()]:
+            Path("prompts.txt").write_text(code, encoding="utf-8")
+        elif lang == "python":
+            namespace: dict = {}
+            exec(compile(code, "docs/quickstart.md", "exec"), namespace)  # noqa: S102 - our own documentation
+            snippets += 1
+        elif lang == "bash":
+            for line in code.splitlines():
+                if not line.strip() or line.startswith("pip install"):
+                    continue
+                words = shlex.split(line)
+                assert words[0] == "srp-jax", f"docs/quickstart.md runs only srp-jax commands and installs: {line}"
+                if words[1:] in done:
+                    skipped.append(words[1:])
+                    continue
+                code_ = main(words[1:] + list(REDUCE.get(words[1], [])))
+                captured = capsys.readouterr()
+                assert code_ == 0, (words, captured.err[-2000:])
+                ran.append((words[1:], captured.out))
+    assert [w[0] for w in skipped] == ["extract", "train"] and snippets == 1
+    assert [w[0] for w, _ in ran] == ["explain", "explain", "explain", "explain", "explain", "features"]
+    first = ran[0][1]
+    assert first.splitlines()[1].startswith("next token: ' Paris'") and "logit(' Paris')   (rank 1" in first
+    assert re.search(r"exact \S+ = base \S+ \+ features \S+ \+ residual \S+", first)
+    assert "explained [accepted]" in first or "WITHHELD [accepted]" in first
+    page = Path("paris.html").read_text(encoding="utf-8")
+    assert 'class="srp-chart"' in page and page.count('class="srp-step"') >= 5 and Path("paris.png").read_bytes()[:4] == b"\x89PNG"
+    assert "logit(' Paris') - logit(' London')" in ran[2][1] and "softmax-weighted logit of the next 5" in ran[3][1]
+    assert Path("prompts.html").read_text(encoding="utf-8").count('<tr class="srp-row') == 4
+    labels = json.loads(Path("labels/smollm2.json").read_text(encoding="utf-8"))["features"]
+    assert len(labels) == 1152 and sum(bool(r["top_token_labels"]) for r in labels) > 1000
+    # the notebook's Explanation is the command's (h from another load of the model: CPU GEMMs
+    # may differ in the last bits between model instances, so to float32 round-off)
+    e = namespace["e"]
+    capsys.readouterr()  # the snippet's prints
+    assert main(ran[0][0] + ["--json", "--timings"]) == 0
+    captured = capsys.readouterr()
+    assert "model (cached hidden states)" in captured.err  # the prompt's h came from the cache: no model load
+    data = json.loads(captured.out)
+    for key in ("exact", "base", "feature_sum", "residual", "approx"):
+        assert data["scores"][key] == pytest.approx(e.scores[key], rel=1e-5, abs=1e-5), key
+    assert data["explained"] == e.explained and data["title"] == e.view().title
+    if e.explained:
+        mine = {r["feature_id"]: r for r in e.features}
+        assert {f["feature_id"] for f in data["features"]} == set(mine) == set(e.labels)
+        for f in data["features"]:
+            assert f["contribution"] == pytest.approx(mine[f["feature_id"]]["contribution"], rel=1e-4, abs=1e-6)
+            assert f["top_tokens"] == e.labels[f["feature_id"]]["top_token_labels"]
+    assert "<svg" in e._repr_html_() and e.view().title == "logit(' Paris')"
 
 
 def norms_of(payload) -> np.ndarray:

@@ -49,8 +49,10 @@ def test_smoke_run_end_to_end(tmp_path, capsys, monkeypatch):
     meta = json.loads((out / "compute_meta.json").read_text())
     assert meta["flops_per_step_est"] == 6 * 256 * 128 * 1024 and meta["steps_run"] == 80
     labels = json.loads((out / "feature_labels.json").read_text())["features"]
-    assert len(labels) == 256 and len(labels[0]["top_token_ids"]) == 6
+    assert [r["feature_id"] for r in labels] == list(range(1024))  # every feature
+    assert set(labels[0]) == {"feature_id", "label", "top_token_ids", "top_token_labels", "usage_count"}
     assert labels[0]["label"] == "/".join(labels[0]["top_token_labels"][:3])
+    assert all(len(r["top_token_ids"]) <= 6 for r in labels) and sum(len(r["top_token_ids"]) == 6 for r in labels) > 900
 
     # the dictionary round-trips: Orbax dir and .pt agree, and re-evaluating reproduces rowEV
     from srp_jax.data import load_prism_dataset
@@ -68,6 +70,15 @@ def test_smoke_run_end_to_end(tmp_path, capsys, monkeypatch):
     ds = load_prism_dataset(cfg, 7)
     again = evaluate(d_dir, ds.readout(), ds.hidden_val, evaluation=cfg["evaluation"])
     assert again["row_centered_ev"] == pytest.approx(m["row_centered_ev"], abs=1e-6)
+    # feature_labels.json: each feature's top rows by encoder activation (NumPy brute force)
+    acts = np.maximum(np.asarray(ds.rows_normalized, np.float64) @ np.asarray(d_dir.params["encoder"]["kernel"], np.float64)
+                      + np.asarray(d_dir.params["encoder"]["bias"], np.float64), 0.0)  # fmt: skip
+    for r in labels[::97]:
+        col = acts[:, r["feature_id"]]
+        expect = np.argsort(-col, kind="stable")[: len(r["top_token_ids"])]
+        assert np.all(col[expect] > 0) and (len(r["top_token_ids"]) == 6 or np.sum(col > 0) == len(r["top_token_ids"]))
+        np.testing.assert_allclose(col[np.asarray(ds.readout().positions(r["top_token_ids"]))], col[expect], rtol=1e-4, atol=1e-6)
+        assert r["top_token_labels"] == [f"tok_{t}" for t in r["top_token_ids"]]
 
     capsys.readouterr()
     assert main(["train", "--config", "smoke", "--out-dir", str(out)]) == 0

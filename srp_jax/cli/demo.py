@@ -34,7 +34,7 @@ OUTPUTS = (
     ("metrics.json", "every evaluation metric (the reference's keys)"),
     ("config.yaml", "the merged config the run used"),
     ("history.json", "the training losses"),
-    ("feature_labels.json", "top rows of the first 256 features"),
+    ("feature_labels.json", "each feature's most activating rows"),
 )
 
 

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "verify": "verify",
     "explain": "explain",
     "plan": "plan",
+    "features": "features",
 }
 
 

@@ -61,7 +61,6 @@ from .step import L0_TRAIN_WINDOW, StepSpec, describe_nonfinite, make_optimizer
 
 STATE_DIR = R.STATE_DIR
 CHECKPOINT_DIR = R.CHECKPOINT_DIR
-FEATURE_LABELS_MAX = 256
 FEATURE_LABELS_TOP = 6
 WATCHED = ("lr", "lambda_prism", "grad_norm", "mean_l0", "dead_fraction", "aux_loss", "auxk_loss")  # beside the history row
 
@@ -332,24 +331,16 @@ def _finite_done(out: Path, manifest: R.Manifest | None) -> dict[str, Any] | Non
 
 
 def feature_labels(dictionary, dataset, usage: np.ndarray) -> dict[str, Any]:
-    """``{"features": [...]}`` for the first min(256, D) features: the 6 rows whose normalized
-    vectors score highest against each decoder row, with placeholder labels ``tok_<id>``."""
-    n = min(FEATURE_LABELS_MAX, dictionary.d_features)
-    dec = jnp.asarray(dictionary.params["decoder"][:n])
-    scores = jnp.matmul(jnp.asarray(dataset.rows_normalized), dec.T, precision=F.HIGHEST)  # (V, n)
-    top = np.asarray(jax.lax.top_k(scores.T, min(FEATURE_LABELS_TOP, scores.shape[0]))[1])
-    ids = np.asarray(dataset.row_token_ids, np.int64)
+    """``{"features": [...]}`` for every feature: its (at most) 6 most activating rows by
+    encoder activation over the normalized rows (:func:`srp_jax.labels.feature_labels`, the
+    reference's display labelling), placeholder labels ``tok_<id>`` (no tokenizer here; ``srp-jax
+    features`` writes them as tokens), and its usage over the evaluated rows."""
+    from ..labels import feature_labels as label_records
+
     features = []
-    for f in range(n):
-        tok_ids = [int(ids[r]) for r in top[f]]
-        labels = [f"tok_{t}" for t in tok_ids]
-        features.append({
-            "feature_id": f,
-            "label": "/".join(labels[:3]),
-            "top_token_ids": tok_ids,
-            "top_token_labels": labels,
-            "usage_count": int(usage[f]),
-        })  # fmt: skip
+    for record in label_records(dictionary, dataset.readout(), n=FEATURE_LABELS_TOP):
+        record = {key: record[key] for key in ("feature_id", "label", "top_token_ids", "top_token_labels")}
+        features.append({**record, "usage_count": int(usage[record["feature_id"]])})
     return {"features": features}
 
 
