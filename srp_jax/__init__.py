@@ -114,6 +114,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "__version__",
     # reference-parity names
     "Decomposition",
     "PrismDataset",

@@ -19,7 +19,6 @@ from ._validate import as_float as _as_float
 from ._validate import as_int as _as_int
 from ._validate import as_list as _as_list  # noqa: F401 - kept for callers of the old private name
 from ._validate import as_str as _as_str
-from ._validate import expand_path
 from ._validate import unknown_keys as _unknown_keys
 from .compile import STEP_STRATEGIES
 from .errors import ConfigError

@@ -99,7 +99,7 @@ def test_file_payloads_npz_and_safetensors(llama, tmp_path):
         out = extract_payload(resolve_model(str(llama)), _corpus(), tmp_path / name, SETTINGS, log=lambda m: None)
         got = read_payload(out)
         assert np.array_equal(got["W_U"], ref["W_U"]) and np.array_equal(got["h_LN"], ref["h_LN"])
-        assert (tmp_path / f"p_manifest.json").is_file()
+        assert (tmp_path / "p_manifest.json").is_file()
 
 
 def test_interrupted_extraction_resumes_to_the_same_payload(llama, tmp_path, monkeypatch):

@@ -630,7 +630,7 @@ def test_litter_of_killed_writes_is_cleaned_at_the_next_write(finished, tmp_path
     dst = tmp_path / "dict"
     assert cli(["convert", finished[0], tmp_path / "d.pt"], capsys)[0] == 0
     dead, alive = _dead_pid(), os.getpid()
-    litter = [tmp_path / f".dict.tmp-{dead}-abc123", tmp_path / f".dict.old-1234abcd"]
+    litter = [tmp_path / f".dict.tmp-{dead}-abc123", tmp_path / ".dict.old-1234abcd"]
     live = tmp_path / f".dict.tmp-{alive}-zzz"  # a writer that still runs: never touched
     for folder in (*litter, live):
         (folder / "arrays").mkdir(parents=True)

@@ -97,7 +97,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert "gate: explained - " in explained and explained.count("    feature ") == 5
     assert "gate: withheld - " in withheld and "no feature explanation is shown" in withheld
     assert "    feature " not in withheld.split("Outputs in", 1)[0]
-    assert f"checkpoint.pt        the same dictionary" in printed and "Next:" in printed
+    assert "checkpoint.pt        the same dictionary" in printed and "Next:" in printed
 
     # a finished run asked for --export-pt again writes the .pt from its checkpoint/
     (out / "checkpoint.pt").unlink()

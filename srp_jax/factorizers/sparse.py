@@ -272,7 +272,6 @@ def _squared_errors_fwd(decoder, values, indices, target, levels):
 
 def _squared_errors_bwd(levels, res, g):
     decoder, values, indices, r, q = res
-    k = values.shape[1]
     # d e_l / d v_s = 2 q_l[s] (s < k_l); d e_l / d target = -2 r_l
     g_values = 2.0 * jnp.einsum("lb,lbk->bk", g, q)
     g_r = 2.0 * g[:, :, None] * r  # (L, B, d)

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import factorizers as F
 from .. import sharding as SH
 from .._atomic import write_text_atomic
 from .._lazy import require_torch
