@@ -284,8 +284,20 @@ def test_row_seeded_init_and_auxk():
     dist = np.min(np.linalg.norm(dec[:, None, :] - ds.rows_normalized[None], axis=-1), axis=1)
     assert np.all(dist < 1e-5)  # every decoder row is a normalized W_U row
     assert len({tuple(np.round(r, 5)) for r in dec}) == 16  # drawn without replacement (D <= V)
-    np.testing.assert_array_equal(np.asarray(state.params["encoder"]["kernel"]), dec.T)
+    kernel = np.asarray(state.params["encoder"]["kernel"])
+    s = float(kernel.ravel()[np.argmax(np.abs(dec.T).ravel())] / dec.T.ravel()[np.argmax(np.abs(dec.T).ravel())])
+    assert 0 < s < 1  # the tie scaled down: k unit rows summed would overshoot
+    np.testing.assert_allclose(kernel, s * dec.T, rtol=1e-6, atol=1e-7)  # encoder = s * decoder^T
     assert not np.any(np.asarray(state.params["encoder"]["bias"]))
+    # s is the least-squares factor on the training rows: the MSE of s*y is below nearby factors'
+    x_all = jnp.asarray(ds.rows_normalized)
+    y = np.asarray(F.decode(state.params, F.encode(fcfg, state.params, {}, x_all, 2))) / s
+    mse = lambda f: float(np.mean((np.asarray(x_all) - f * y) ** 2))  # noqa: E731
+    assert mse(s) <= min(mse(0.9 * s), mse(1.1 * s)) and mse(s) < float(np.mean(np.asarray(x_all) ** 2))
+    for mode, want in ((1.0, 1.0), ("inv_k", 0.5)):  # the unscaled tie (the first reading); 1/k
+        other = init_train_state(0, fcfg, TrainingConfig(init_mode="row_seeded", row_seeded_scale=mode, steps=6),
+                                 ds.d_model, make_optimizer(tcfg), ds.rows_normalized, w)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(other.params["encoder"]["kernel"]), want * dec.T, rtol=1e-6)
     # AuxK: zero with no dead latents, positive when some are dead
     x = jnp.asarray(ds.rows_normalized[:8])
     recon = F.decode(state.params, F.encode(fcfg, state.params, {}, x, 2))
