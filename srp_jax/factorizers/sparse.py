@@ -60,9 +60,12 @@ class CodeStats(NamedTuple):
 
 
 def _rows_for(budget: int | None, batch: int, per_row: int) -> int:
+    """Rows in ``budget`` floats at ``per_row`` each, rounded down to a power of two (batch
+    sizes are usually powers of two: no padded last block), at least 1, at most the batch."""
     if budget is None or jax.default_backend() != "cpu":
         return batch
-    return max(1, min(batch, budget // max(1, per_row)))
+    rows = max(1, budget // max(1, per_row))
+    return min(batch, 1 << (rows.bit_length() - 1))
 
 
 def default_block_rows(batch: int, k: int, d: int) -> int:
