@@ -155,6 +155,20 @@ def dot_rows(table: jax.Array, probe: jax.Array, indices: jax.Array, block: int 
     return _map_blocks(fn, [probe, indices], ((indices.shape[1],),), block)[0]
 
 
+def combine_and_dot_rows(
+    table: jax.Array, coef: jax.Array, indices: jax.Array, probe: jax.Array, block: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(:func:`combine_rows`, :func:`dot_rows`) of the same rows from one gather pass:
+    ``sum_s coef[b, s] table[i_bs]`` (B, d) and ``table[i_bs] . probe[b]`` (B, k)."""
+    block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
+
+    def fn(c, i, p):
+        rows = _gather(table, i)
+        return (jnp.einsum("bk,bkd->bd", c, rows, precision=HIGHEST), jnp.einsum("bd,bkd->bk", p, rows, precision=HIGHEST))
+
+    return _map_blocks(fn, [coef, indices, probe], ((table.shape[1],), (indices.shape[1],)), block)
+
+
 # --------------------------------------------------------------------------------------------
 # The TopK selection with its sparse gradient
 
@@ -384,6 +398,7 @@ __all__ = [
     "scatter_add_values",
     "combine_rows",
     "dot_rows",
+    "combine_and_dot_rows",
     "topk_codes",
     "decode",
     "decode_code",
