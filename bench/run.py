@@ -185,6 +185,7 @@ def summarize_train(results: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_bytes": max(peaks) if peaks else None,
         "rss_after_setup_bytes": max((r["rss_after_setup_bytes"] or 0) for r in good) or None,
         "finite": all(r["finite"] for r in good), "rounds": len(good),
+        **({"strategy": good[0]["strategy"]} if "strategy" in good[0] else {}),
     }
 
 
@@ -194,7 +195,7 @@ def summarize_rate(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
         return {"error": results[0].get("error", "no result") if results else "not run"}
     rates = [r[key] for r in good]
     out = {key: statistics.median(rates), f"{key}_all": rates, "rounds": len(good)}
-    for extra in ("first_call_s", "warmup_s"):
+    for extra in ("first_call_s", "warmup_s", "code_table_s"):
         if extra in good[0]:
             out[extra] = statistics.median(r[extra] for r in good)
     return out
@@ -363,7 +364,7 @@ def format_table(rep: dict[str, Any]) -> str:
         f"{_fmt(rep['matmul']['torch'].get('gflops'), '.1f')} GFLOP/s -> peak {_fmt(rep['matmul']['peak_gflops'], '.1f')}",
         "",
         "train step (median s; peak RSS; fraction of matmul peak for the required FLOPs; warm-up extra s)",
-        f"{'shape':<18} {'work':<10} {'impl':<9} {'step s':>9} {'peak RSS':>10} {'%peak':>7} {'warm-up':>8}  speedup",
+        f"{'shape':<18} {'work':<10} {'impl':<12} {'step s':>9} {'peak RSS':>10} {'%peak':>7} {'warm-up':>8}  speedup",
     ]
     for name, e in rep["train"].items():
         for block, other in (("prism", "torch"), ("no_prism", "sparsify")):
@@ -373,11 +374,12 @@ def format_table(rep: dict[str, Any]) -> str:
             for impl in ("srp", other):
                 s = e[block][impl]
                 if "error" in s:
-                    lines.append(f"{name:<18} {block:<10} {impl:<9} error: {s['error'][:60]}")
+                    lines.append(f"{name:<18} {block:<10} {impl:<12} error: {s['error'][:60]}")
                     continue
                 frac = s.get("fraction_of_peak")
+                label = f"{impl}/{s['strategy']}" if "strategy" in s else impl
                 lines.append(
-                    f"{name:<18} {block:<10} {impl:<9} {s['step_s']:9.4f} {_gb(s['peak_rss_bytes']):>10} "
+                    f"{name:<18} {block:<10} {label:<12} {s['step_s']:9.4f} {_gb(s['peak_rss_bytes']):>10} "
                     f"{_fmt(None if frac is None else 100 * frac, '.1f'):>6}% {s['warmup_extra_s']:8.2f}"
                     + (f"  {_fmt(speed, '.2f')}x" if impl == "srp" else "")
                 )
@@ -390,7 +392,9 @@ def format_table(rep: dict[str, Any]) -> str:
         f"   torch {_fmt(d['per_query']['torch'].get('queries_per_s'), '.1f')}"
         f"   (agree to {_fmt(d['agreement_rel'], '.1e')} rel)",
         f"  batched     srp-jax decompose_tokens sparse {_fmt(d['batched_sparse']['srp'].get('queries_per_s'), '.1f')}"
-        f"   dense {_fmt(d['batched_dense']['srp'].get('queries_per_s'), '.1f')}",
+        f"   dense {_fmt(d['batched_dense']['srp'].get('queries_per_s'), '.1f')}"
+        f"   (sparse reads the vocabulary's CodeTable, built once in "
+        f"{_fmt(d['batched_sparse']['srp'].get('code_table_s'), '.2f')} s)",
         f"full-vocabulary encode+decode ({rep['config']['recon_rows']} of {vocab} rows; rows/s): "
         f"srp-jax {_fmt(rep['recon']['srp'].get('rows_per_s'), '.1f')}"
         f"   torch {_fmt(rep['recon']['torch'].get('rows_per_s'), '.1f')}"
@@ -425,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the full report (machine, versions, raw results) as JSON")
     parser.add_argument("--shapes", help=f"comma-separated train shapes (default: the mode's); known: {', '.join(SHAPES)}")
     parser.add_argument("--rounds", type=int, help="interleaved repetitions per measurement (default 2)")
-    parser.add_argument("--strategy", default="dense", help="srp-jax train-step strategy (default dense)")
+    parser.add_argument("--strategy", default="auto", choices=("auto", "dense", "sparse"),
+                        help="srp-jax train-step strategy (training.step_strategy; default auto: the library's choice)")
     parser.add_argument("--sparsify-optimizer", default="adam", choices=("adam", "signum"),
                         help="optimizer of the sparsify step, built as sparsify's trainer does (default adam)")
     parser.add_argument("--skip-sparsify", action="store_true", help="leave out the eai-sparsify comparison")

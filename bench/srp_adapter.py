@@ -1,11 +1,11 @@
 """The srp-jax side of the benchmark: the one module that calls srp-jax.
 
 Everything the benchmark (and ``tests/test_bench.py``) does with srp-jax goes through these
-functions, so when srp-jax's step changes (``train_step(state, batch)`` with sampling outside
-it, a selectable sparse/dense strategy) only this file changes. It uses the public API as it
-is today: ``srp_jax.train.step`` (``StepSpec.build``, ``TrainData``, ``make_optimizer``,
-``train_step_jit``), ``srp_jax.train.state.init_train_state``, ``srp_jax.decompose_token_logit``,
-``srp_jax.decompose_tokens``, ``srp_jax.Readout`` and ``srp_jax.metrics.reconstruct_rows``.
+functions. It uses the public API the training loop uses: ``StepSpec.build`` (with
+``training.step_strategy``), ``TrainData``, ``srp_jax.train.compiled.compile_training`` (the
+jitted sampler and the donated ``train_step(state, batch)``), ``init_train_state``;
+``srp_jax.decompose_token_logit``, ``srp_jax.decompose_tokens`` with the cached vocabulary
+``srp_jax.code_table``, ``srp_jax.Readout`` and ``srp_jax.metrics.reconstruct_rows``.
 
 Arrays come in the framework-free layout of :mod:`bench.common` (``synthetic_arrays``) and
 parameters in the reference's state-dict layout (``encoder.weight`` (D, d), ``encoder.bias``,
@@ -26,15 +26,17 @@ import srp_jax
 from srp_jax.config import FactorizerConfig, TrainingConfig
 from srp_jax.dictionary import Dictionary
 from srp_jax.metrics import reconstruct_rows
+from srp_jax.train.compiled import compile_training
+from srp_jax.train.sampling import draw_rows
 from srp_jax.train.state import init_train_state
-from srp_jax.train.step import StepSpec, TrainData, make_optimizer, sample_row_indices, train_step_jit
+from srp_jax.train.step import StepSpec, TrainData, make_optimizer
 
 from .common import CODE_L2, LAMBDA_PRISM, LR, WEIGHT_DECAY, Shape
 
-# Strategies srp-jax's train step offers today. The lead's sparse-aware step adds more; list
-# them here and pass ``strategy`` through in ``make_step``.
-STRATEGIES = ("dense",)
-DEFAULT_STRATEGY = "dense"
+# srp-jax's train-step strategies (``training.step_strategy``): auto = the library's choice
+# for the backend and shape (sparse on CPU for TopK at small k / D), dense, sparse.
+STRATEGIES = ("auto", "dense", "sparse")
+DEFAULT_STRATEGY = "auto"
 
 
 def _check_strategy(strategy: str) -> str:
@@ -44,13 +46,14 @@ def _check_strategy(strategy: str) -> str:
 
 
 def configs(shape: Shape, *, prism: bool = True, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
-            lambda_prism: float = LAMBDA_PRISM, code_l2: float = CODE_L2, steps: int = 1_000_000):
+            lambda_prism: float = LAMBDA_PRISM, code_l2: float = CODE_L2, steps: int = 1_000_000,
+            strategy: str = DEFAULT_STRATEGY):
     """(FactorizerConfig, TrainingConfig) of a plain TopK run of ``shape`` (constant lr and
-    lambda, the shipped trainer's schedule)."""
+    lambda, the shipped trainer's schedule) with train-step ``strategy``."""
     fcfg = FactorizerConfig(architecture="topk", d_features=shape.D, k=shape.k)
     tcfg = TrainingConfig(
         steps=steps, batch_size=shape.batch, lr=lr, weight_decay=weight_decay,
-        lambda_prism=lambda_prism if prism else 0.0, code_l2=code_l2,
+        lambda_prism=lambda_prism if prism else 0.0, code_l2=code_l2, step_strategy=_check_strategy(strategy),
     )
     return fcfg, tcfg
 
@@ -86,18 +89,22 @@ def state_dict_from_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass
 class SrpTrainer:
-    """A ready-to-run srp-jax training step: ``spec`` (static), ``data``, ``state``.
+    """A ready-to-run srp-jax training step: ``spec`` (static; ``spec.strategy`` the resolved
+    dense / sparse choice), ``data``, ``state``, ``fns`` (the compiled sampler and step).
 
-    ``step()`` runs one update and returns only when it is done (metrics as floats).
+    ``step()`` draws the batch and runs one update, as the training loop does, and returns
+    only when it is done (metrics as floats).
     """
 
     spec: StepSpec
     data: TrainData
     state: Any
+    fns: Any
     strategy: str = DEFAULT_STRATEGY
 
     def step(self) -> dict[str, float]:
-        self.state, metrics = train_step_jit(self.spec, self.state, self.data)
+        batch = self.fns.sample(self.data, self.state.rng, self.state.step + 1)
+        self.state, metrics = self.fns.step(self.state, batch)
         jax.block_until_ready((self.state, metrics))
         return {"loss": float(metrics["loss"]), "reconstruction_loss": float(metrics["reconstruction_loss"]),
                 "prism_loss": float(metrics["prism_loss"])}
@@ -111,28 +118,26 @@ def make_step(shape: Shape, arrays: dict[str, Any], *, strategy: str = DEFAULT_S
               seed: int = 0, init_state: dict[str, Any] | None = None, **hyper: Any) -> SrpTrainer:
     """Build srp-jax's train step for ``shape`` on ``arrays``; ``init_state`` (reference layout)
     replaces the random initial parameters (the optimizer state is built for them)."""
-    _check_strategy(strategy)
-    fcfg, tcfg = configs(shape, prism=prism, **hyper)
+    fcfg, tcfg = configs(shape, prism=prism, strategy=strategy, **hyper)
     spec = StepSpec.build(fcfg, tcfg, shape.d, int(np.shape(arrays["hidden"])[0]))
     optimizer = make_optimizer(tcfg)
     state = init_train_state(seed, fcfg, tcfg, shape.d, optimizer)
     if init_state is not None:
         params = params_from_state_dict(init_state)
         state = state.replace(params=params, opt_state=optimizer.init(params))
-    return SrpTrainer(spec, train_data(arrays), state, strategy)
+    return SrpTrainer(spec, train_data(arrays), state, compile_training(spec, optimizer), strategy)
 
 
 def replay_indices(trainer: SrpTrainer, step: int | None = None) -> dict[str, np.ndarray]:
-    """The draws srp-jax's step number ``step`` (1-based; default: the next one) makes today:
-    ``rows`` (B,), ``hidden`` (Bp,), ``ranks`` (Bp,). Mirrors ``srp_jax.train.step``'s key use
-    (fold_in(rng, step) -> split -> categorical rows; the prism key split -> randint), so a
-    torch step can be fed the same batch. When sampling moves out of the step, return the batch
-    the new sampler draws instead."""
+    """The draws srp-jax's step number ``step`` (1-based; default: the next one) makes:
+    ``rows`` (B,), ``hidden`` (Bp,), ``ranks`` (Bp,). Mirrors ``srp_jax.train.sampling``'s key
+    use (fold_in(rng, step) -> split -> the configured row sampler; the prism key split ->
+    randint), so a torch step can be fed the same batch."""
     spec, data, state = trainer.spec, trainer.data, trainer.state
     t = int(state.step) + 1 if step is None else int(step)
     key = jax.random.fold_in(state.rng, t)
     k_rows, k_prism = jax.random.split(key)
-    rows = sample_row_indices(k_rows, data.sample_logits, spec.training.batch_size)
+    rows = draw_rows(data, k_rows, spec.training.batch_size, spec.training.row_sampler)
     k_h, k_r = jax.random.split(k_prism)
     n_hidden, n_ranks = data.top_targets.shape
     hidden = jax.random.randint(k_h, (spec.prism_batch,), 0, n_hidden)
@@ -168,15 +173,29 @@ def decompose_per_query(dictionary: Dictionary, arrays: dict[str, Any], h: np.nd
 def decompose_batched(dictionary: Dictionary, readout: srp_jax.Readout, H: Any, token_ids: Any, *,
                       sparse: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``srp_jax.decompose_tokens`` over a batch (one jitted call); returns (feature_sum (B,),
-    residual (B,)) as NumPy, i.e. after the work is done."""
-    out = srp_jax.decompose_tokens(H, token_ids, readout, dictionary, dictionary.config.k, sparse=sparse)
+    residual (B,)) as NumPy, i.e. after the work is done. ``sparse=True`` reads the tokens'
+    codes from the vocabulary's :class:`srp_jax.CodeTable` (``srp_jax.code_table``: built by
+    the first call, which the harness reports as warm-up, then reused)."""
+    codes = srp_jax.code_table(dictionary, readout, dictionary.config.k) if sparse else None
+    out = srp_jax.decompose_tokens(H, token_ids, readout, dictionary, dictionary.config.k, sparse=sparse, codes=codes)
     jax.block_until_ready(out)
     return np.asarray(out.feature_sum), np.asarray(out.residual_term)
 
 
+def code_table_seconds(dictionary: Dictionary, readout: srp_jax.Readout) -> float:
+    """Seconds to build the vocabulary's :class:`srp_jax.CodeTable` once (after compilation)."""
+    import time
+
+    srp_jax.decompose.build_code_table(dictionary, readout, dictionary.config.k).values.block_until_ready()
+    t0 = time.perf_counter()
+    srp_jax.decompose.build_code_table(dictionary, readout, dictionary.config.k).values.block_until_ready()
+    return time.perf_counter() - t0
+
+
 def reconstruct_all(dictionary: Dictionary, arrays: dict[str, Any], row_batch: int = 1024) -> jax.Array:
-    """Encode + decode every row (``srp_jax.metrics.reconstruct_rows``, blocks of ``row_batch``);
-    returns the normalized-row reconstruction (V, d) once it is computed."""
+    """Encode + decode every row (``srp_jax.metrics.reconstruct_rows``, blocks of ``row_batch``:
+    the sparse encode and the k-row decode for TopK); returns the normalized-row reconstruction
+    (V, d) once it is computed."""
     recon_x, recon_W, _, _ = reconstruct_rows(
         dictionary, arrays["rows_normalized"], arrays["row_mean"], arrays["row_norms"], dictionary.config.k,
         row_batch=row_batch,
@@ -223,6 +242,7 @@ __all__ = [
     "make_readout",
     "decompose_per_query",
     "decompose_batched",
+    "code_table_seconds",
     "reconstruct_all",
     "matmul_seconds",
 ]

@@ -47,7 +47,7 @@ def _train(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:
     if impl == "srp":
         from . import srp_adapter
 
-        trainer = srp_adapter.make_step(shape, arrays, strategy=spec.get("strategy", "dense"), prism=prism, seed=seed)
+        trainer = srp_adapter.make_step(shape, arrays, strategy=spec.get("strategy", srp_adapter.DEFAULT_STRATEGY), prism=prism, seed=seed)
     elif impl == "torch":
         from . import torch_reference as tr
 
@@ -80,6 +80,7 @@ def _train(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:
         "setup_s": setup_s, "first_call_s": first_s, "step_s": times, "losses": losses,
         "rss_after_setup_bytes": rss_setup, "peak_rss_bytes": peak_rss_bytes(), "peak_reset": reset_ok,
         "finite": bool(np.all(np.isfinite(losses))),
+        **({"strategy": trainer.spec.strategy} if impl == "srp" else {}),
     }
 
 
@@ -140,8 +141,10 @@ def _decompose_batched(spec: dict[str, Any], shape: common.Shape) -> dict[str, A
     times = [common.timed(srp_adapter.decompose_batched, model, readout, H, ids, sparse=sparse)[0]
              for _ in range(repeats)]
     best = float(np.median(times))
+    table_s = srp_adapter.code_table_seconds(model, readout) if sparse else None
     return {"seconds": times, "queries": n, "queries_per_s": n / best, "first_call_s": first_s,
-            "check_feature_sum": fs[:200].astype(np.float64).tolist()}
+            "check_feature_sum": fs[:200].astype(np.float64).tolist(),
+            **({"code_table_s": table_s} if table_s is not None else {})}
 
 
 def _recon(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:

@@ -43,9 +43,11 @@ def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def test_torch_reference_steps_match_srp_jax_with_injected_indices():
+@pytest.mark.parametrize("strategy", ["dense", "sparse"])
+def test_torch_reference_steps_match_srp_jax_with_injected_indices(strategy):
     arrays = _arrays()
-    srp = srp_adapter.make_step(SHAPE, arrays, prism=True, seed=3, **HYPER)
+    srp = srp_adapter.make_step(SHAPE, arrays, prism=True, seed=3, strategy=strategy, **HYPER)
+    assert srp.spec.strategy == strategy
     init = srp_adapter.state_dict_from_params(srp.params)
     ref = tr.TorchReference(tr.RefData.from_arrays(arrays), SHAPE.D, SHAPE.k, batch_size=SHAPE.batch,
                             seed=0, init_state=init, **HYPER)
@@ -149,8 +151,8 @@ def test_train_step_flop_count_by_hand():
 
 
 def test_unknown_strategy_is_refused():
-    with pytest.raises(ValueError, match="strategy 'sparse'"):
-        srp_adapter.make_step(SHAPE, _arrays(), strategy="sparse")
+    with pytest.raises(ValueError, match="strategy 'fast'"):
+        srp_adapter.make_step(SHAPE, _arrays(), strategy="fast")
 
 
 def test_sparsify_adapter_steps():

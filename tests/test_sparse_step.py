@@ -48,6 +48,7 @@ def test_kernels_match_dense_formulas_for_any_block(block, monkeypatch):
     # budgets in floats: 1 row, 4 rows (k 5, d 12), 16 rows, one block
     monkeypatch.setattr(S, "CPU_BLOCK_ELEMENTS", None if block is None else block * 5 * 12)
     monkeypatch.setattr(S, "CPU_ENCODE_ELEMENTS", None if block is None else max(1, block // 2) * 48)
+    monkeypatch.setattr(S, "SLOT_UNROLL", 3)  # k 5 = 3 + 2: the decode's last slot step is padded
     params, x = _setup()
     k, D = 5, 48
     code = S.topk_codes(params, x, k)
@@ -98,7 +99,10 @@ def test_gradients_of_every_sparse_kernel_match_autodiff_of_the_dense_code():
     assert _rel(sparse_terms(params, x, h), dense_terms(params, x, h)) < 1e-6
 
 
-def test_scatter_and_gather_primitives_by_hand():
+@pytest.mark.parametrize("slot_loop", [True, False])
+def test_scatter_and_gather_primitives_by_hand(slot_loop, monkeypatch):
+    if not slot_loop:  # the accelerators' decode (one gather of the (B, k, d) rows)
+        monkeypatch.setattr(S, "SLOT_DECODE_BACKENDS", ())
     table = jnp.arange(12.0).reshape(4, 3)
     idx = jnp.array([[1, 3], [1, 0]], jnp.int32)
     coef = jnp.array([[2.0, -1.0], [0.5, 1.0]])
@@ -107,6 +111,7 @@ def test_scatter_and_gather_primitives_by_hand():
     for b in range(2):
         for s in range(2):
             want[int(idx[b, s])] += float(coef[b, s]) * np.asarray(rows[b])
+    monkeypatch.setattr(S, "SLOT_UNROLL", 1)
     for block in (1, 2):
         np.testing.assert_allclose(S.scatter_add_rows(coef, rows, idx, 4, block), want)
         np.testing.assert_allclose(S.combine_rows(table, coef, idx, block), [2 * table[1] - table[3], 0.5 * table[1] + table[0]])

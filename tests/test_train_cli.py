@@ -48,6 +48,8 @@ def test_smoke_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert hist[-1]["loss"] < hist[0]["loss"]
     meta = json.loads((out / "compute_meta.json").read_text())
     assert meta["flops_per_step_est"] == 6 * 256 * 128 * 1024 and meta["steps_run"] == 80
+    # smoke: matryoshka widest code 64 x 3 reconstructions / D 1024 > 1/8, so auto keeps the dense step
+    assert meta["step_strategy"] == "dense" and meta["row_sampler"] == "inverse_cdf"
     labels = json.loads((out / "feature_labels.json").read_text())["features"]
     assert [r["feature_id"] for r in labels] == list(range(1024))  # every feature
     assert set(labels[0]) == {"feature_id", "label", "top_token_ids", "top_token_labels", "usage_count"}

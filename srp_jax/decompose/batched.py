@@ -116,18 +116,25 @@ def _code_terms(m, params, code, h, w_rows, row_mean, row_norms):
     row from the sparse decode of the whole code, contributions of its ``m`` largest |values|
     (all of them when m >= k)."""
     dec = params["decoder"]
-    recon = S.combine_rows(dec, code.values, S.safe_indices(code.indices))
     n_active = jnp.sum(code.indices >= 0, axis=-1).astype(jnp.int32)
-    listed = code
-    if m < code.values.shape[1]:  # the m largest |values|, then back in feature order
-        _, pos = jax.lax.top_k(jnp.where(code.indices >= 0, jnp.abs(code.values), -1.0), m)
-        picked = S.SparseCode(jnp.take_along_axis(code.values, pos, 1), jnp.take_along_axis(code.indices, pos, 1))
-        key = jnp.where(picked.indices >= 0, picked.indices, jnp.iinfo(jnp.int32).max)
-        _, vals, idx = jax.lax.sort((key, picked.values, picked.indices), dimension=1, num_keys=1)
-        listed = S.SparseCode(vals, idx)
+    if m >= code.values.shape[1]:  # every entry listed: one gather pass for decode and scores
+        recon, scores = S.combine_and_dot_rows(dec, code.values, S.safe_indices(code.indices), h)
+        contributions = jnp.where(code.indices >= 0, row_norms[:, None] * code.values * scores, 0.0)
+        return _assemble(h, w_rows, row_mean, row_norms, recon, contributions, code.indices, n_active, m)
+    recon = S.combine_rows(dec, code.values, S.safe_indices(code.indices))
+    # the m largest |values| are listed, back in feature order
+    _, pos = jax.lax.top_k(jnp.where(code.indices >= 0, jnp.abs(code.values), -1.0), m)
+    picked = S.SparseCode(jnp.take_along_axis(code.values, pos, 1), jnp.take_along_axis(code.indices, pos, 1))
+    key = jnp.where(picked.indices >= 0, picked.indices, jnp.iinfo(jnp.int32).max)
+    _, vals, idx = jax.lax.sort((key, picked.values, picked.indices), dimension=1, num_keys=1)
+    listed = S.SparseCode(vals, idx)
     valid = listed.indices >= 0
     scores = S.dot_rows(dec, h, S.safe_indices(listed.indices))  # (B, m): h . d_i
     contributions = jnp.where(valid, row_norms[:, None] * listed.values * scores, 0.0)
+    return _assemble(h, w_rows, row_mean, row_norms, recon, contributions, listed.indices, n_active, m)
+
+
+def _assemble(h, w_rows, row_mean, row_norms, recon, contributions, indices, n_active, m):
     residual_row = w_rows - denormalize_rows(recon, row_mean, row_norms)
     original = _rowwise_dot(h, w_rows)
     base = jnp.matmul(h, row_mean, precision=HIGHEST)
@@ -141,15 +148,16 @@ def _code_terms(m, params, code, h, w_rows, row_mean, row_norms):
         "reconstructed": base + feature_sum,
         "identity_error": original - (base + feature_sum + residual_term),
         "contributions": contributions,
-        "indices": listed.indices,
+        "indices": indices,
         "n_active": n_active,
         "truncated": n_active > m,
     }
 
 
 @compiled(static_argnums=(0,))
-def _table_terms(m, params, values, indices, h, w_rows, row_mean, row_norms):
-    return _code_terms(m, params, S.SparseCode(values, indices), h, w_rows, row_mean, row_norms)
+def _table_terms(m, params, values, indices, pos, h, W_U, row_mean, row_norms):
+    code = S.SparseCode(values[pos], indices[pos])
+    return _code_terms(m, params, code, h, W_U[pos], row_mean, row_norms[pos])
 
 
 @compiled(static_argnums=(0, 1, 2))
@@ -268,8 +276,7 @@ def decompose_tokens(
                 raise ShapeError(f"token_ids has {pos.shape[0]} rows but h has {h_a.shape[0]}")
             m = min(_sparse_width(cfg, k_static, max_active), kk)
             return _sparse_result(_table_terms(
-                m, params, table.values[pos], table.indices[pos], h_a, readout.W_U[pos], readout.row_mean,
-                readout.row_norms[pos],
+                m, params, table.values, table.indices, pos, h_a, readout.W_U, readout.row_mean, readout.row_norms
             ))
     elif codes is not None:
         raise ConfigError(f"codes= needs a TopK-family dictionary (k < D); got {cfg.architecture}")

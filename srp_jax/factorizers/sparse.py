@@ -37,6 +37,11 @@ from .kernels import HIGHEST, Params
 #: (measured best at 8-32 rows for d 576, k 128: the block's rows stay in cache; see
 #: docs/performance.md). ``None`` forces one block (the whole batch).
 CPU_BLOCK_ELEMENTS: int | None = 1 << 20
+#: backends whose sparse decode loops over the k slots (gathers fused into multiply-adds;
+#: measured 2-3x faster than gathering (block, k, d) rows on CPU)
+SLOT_DECODE_BACKENDS = ("cpu",)
+#: slots per step of that loop (one fused loop over the accumulator per step)
+SLOT_UNROLL = 8
 #: working set (floats) of one block of the encoder forward + top-k on CPU: rows * D (a block
 #: of pre-activations stays in the last-level cache instead of a (B, D) array in fresh memory)
 CPU_ENCODE_ELEMENTS: int | None = 1 << 22
@@ -60,15 +65,24 @@ class CodeStats(NamedTuple):
 
 
 def _rows_for(budget: int | None, batch: int, per_row: int) -> int:
+    """Rows in ``budget`` floats at ``per_row`` each, rounded down to a power of two (batch
+    sizes are usually powers of two: no padded last block), at least 1, at most the batch."""
     if budget is None or jax.default_backend() != "cpu":
         return batch
-    return max(1, min(batch, budget // max(1, per_row)))
+    rows = max(1, budget // max(1, per_row))
+    return min(batch, 1 << (rows.bit_length() - 1))
 
 
 def default_block_rows(batch: int, k: int, d: int) -> int:
     """Rows per gather / scatter block: a working set of :data:`CPU_BLOCK_ELEMENTS` floats on
     CPU, the whole batch on accelerators (one large gather / scatter-add)."""
     return _rows_for(CPU_BLOCK_ELEMENTS, batch, k * d)
+
+
+def default_decode_rows(batch: int, d: int) -> int:
+    """Rows per block of the slot-loop decode on CPU: a (rows, d) accumulator of
+    :data:`CPU_BLOCK_ELEMENTS` floats."""
+    return _rows_for(CPU_BLOCK_ELEMENTS, batch, d)
 
 
 def default_encode_rows(batch: int, width: int) -> int:
@@ -138,8 +152,38 @@ def scatter_add_values(values: jax.Array, indices: jax.Array, width: int) -> jax
     return jnp.zeros((width,), values.dtype).at[indices.reshape(-1)].add(values.reshape(-1), mode="promise_in_bounds")
 
 
+def _combine_by_slots(table: jax.Array, coef: jax.Array, indices: jax.Array, block: int) -> jax.Array:
+    """:func:`combine_rows` as ``acc += coef[:, s] * table[indices[:, s]]`` over the k slots,
+    :data:`SLOT_UNROLL` slots per loop step: XLA fuses each step's gathers and multiply-adds
+    into one loop over the (block, d) accumulator, so no (block, k, d) array is written."""
+    B, k = coef.shape
+    d = table.shape[1]
+    u = min(SLOT_UNROLL, k)
+    pad = -(-k // u) * u - k
+    if pad:  # zero coefficients at row 0 add nothing
+        coef = jnp.pad(coef, ((0, 0), (0, pad)))
+        indices = jnp.pad(indices, ((0, 0), (0, pad)))
+
+    def fn(c, i):
+        def step(s, acc):
+            cs = jax.lax.dynamic_slice_in_dim(c, s * u, u, axis=1)
+            js = jax.lax.dynamic_slice_in_dim(i, s * u, u, axis=1)
+            for j in range(u):
+                acc = acc + cs[:, j, None] * _gather(table, js[:, j])
+            return acc
+
+        return (jax.lax.fori_loop(0, c.shape[1] // u, step, jnp.zeros((c.shape[0], d), table.dtype)),)
+
+    return _map_blocks(fn, [coef, indices], ((d,),), block)[0]
+
+
 def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
-    """``sum_s coef[b, s] * table[indices[b, s]]`` (B, d): the sparse decode kernel."""
+    """``sum_s coef[b, s] * table[indices[b, s]]`` (B, d): the sparse decode kernel. On CPU a
+    loop over the k slots (:func:`_combine_by_slots`, blocks of ``block`` rows, default
+    :func:`default_decode_rows`); elsewhere one gather of the (B, k, d) rows and a contraction."""
+    if jax.default_backend() in SLOT_DECODE_BACKENDS:
+        block = default_decode_rows(indices.shape[0], table.shape[1]) if block is None else block
+        return _combine_by_slots(table, coef, indices, block)
     block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
     fn = lambda c, i: (jnp.einsum("bk,bkd->bd", c, _gather(table, i), precision=HIGHEST),)  # noqa: E731
     return _map_blocks(fn, [coef, indices], ((table.shape[1],),), block)[0]
@@ -150,6 +194,20 @@ def dot_rows(table: jax.Array, probe: jax.Array, indices: jax.Array, block: int 
     block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
     fn = lambda p, i: (jnp.einsum("bd,bkd->bk", p, _gather(table, i), precision=HIGHEST),)  # noqa: E731
     return _map_blocks(fn, [probe, indices], ((indices.shape[1],),), block)[0]
+
+
+def combine_and_dot_rows(
+    table: jax.Array, coef: jax.Array, indices: jax.Array, probe: jax.Array, block: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(:func:`combine_rows`, :func:`dot_rows`) of the same rows from one gather pass:
+    ``sum_s coef[b, s] table[i_bs]`` (B, d) and ``table[i_bs] . probe[b]`` (B, k)."""
+    block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
+
+    def fn(c, i, p):
+        rows = _gather(table, i)
+        return (jnp.einsum("bk,bkd->bd", c, rows, precision=HIGHEST), jnp.einsum("bd,bkd->bk", p, rows, precision=HIGHEST))
+
+    return _map_blocks(fn, [coef, indices, probe], ((table.shape[1],), (indices.shape[1],)), block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +434,12 @@ __all__ = [
     "CodeStats",
     "default_block_rows",
     "default_encode_rows",
+    "default_decode_rows",
     "scatter_add_rows",
     "scatter_add_values",
     "combine_rows",
     "dot_rows",
+    "combine_and_dot_rows",
     "topk_codes",
     "decode",
     "decode_code",

@@ -719,6 +719,8 @@ def _finish(cfg, out, report, want_pt, dataset, result, manifest: R.Manifest | N
         "d_model": d,
         "steps_run": steps_run,
         "batch_size": B,
+        "step_strategy": result["spec"].strategy,
+        "row_sampler": cfg.training.row_sampler,
         "train_seconds": result["train_seconds"],
         "seconds_per_step": result["train_seconds"] / max(cfg.training.steps, 1),
         "flops_per_step_est": flops,
