@@ -166,7 +166,8 @@ def test_cli_hub_list_and_fetch(offline, tmp_path, capsys, monkeypatch):
     assert "already exists" in capsys.readouterr().err
     assert main(["hub", "fetch", "qwen3.5-2b/k256_32x", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 2 and "checkpoint.pt" in err and not (tmp_path / "x").exists()  # what + how to fix
+    # one line (issue 9's rule) saying what is missing and how to fix it; nothing written
+    assert len(err.strip().splitlines()) == 1 and "checkpoint.pt" in err and "offline" in err and not (tmp_path / "x").exists()
     assert main(["convert", "hub:qwen3.5-0.8b/k128_16x", str(tmp_path / "conv")]) == 0
     assert load_dictionary(tmp_path / "conv").d_features == 256
 

@@ -161,7 +161,8 @@ def test_approx_max_k_reaches_the_training_step_only():
     cfg = load_run_config("smoke", ["factorizer.architecture=topk", "factorizer.d_features=32", "factorizer.k=4",
                                     "factorizer.k_values=[]", "factorizer.matryoshka_weights=[]",
                                     "training.lambda_prism=0", "mesh.topk=approx_max_k"])  # fmt: skip
-    spec = StepSpec.build(cfg.factorizer, cfg.training, 8, 0)
+    spec = StepSpec.build(cfg.factorizer, cfg.training, 8, 0, sharded=True)  # a mesh's step: the dense one
+    assert spec.strategy == "dense"
     opt = make_optimizer(cfg.training)
     state = jax.eval_shape(lambda: init_train_state(0, cfg.factorizer, cfg.training, 8, opt))
     batch = Batch(x=jax.ShapeDtypeStruct((cfg.training.batch_size, 8), np.float32))

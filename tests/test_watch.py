@@ -68,5 +68,7 @@ def test_wandb_rows_when_asked(tmp_path, monkeypatch):
 def test_watchers_missing_dependency_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     assert main(["train", *ARGS, "--out", str(tmp_path / "r"), "--wandb", "p"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "needs wandb" in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [ln for ln in lines if "error" in ln]
+    assert len(errors) == 1 and errors == lines[-1:] and "needs wandb" in errors[0]  # beside the [data] notice
+    assert all(ln.startswith("[") for ln in lines[:-1])  # nothing else: no traceback
