@@ -27,16 +27,21 @@ PAPER_SWITCHES = ["training.init_mode=row_seeded", "training.lr_schedule=warmup_
 OLD_TIE = "training.row_seeded_scale=1.0"  # the first reading of row-seeding: encoder = decoder^T, unscaled
 
 # name -> (what it is, --set overrides on top of the config). Order = table order.
+RAMP70 = "training.lambda_ramp_start_frac=0.7"  # the paper's "after 70% of training"
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "shipped": ("shipped recipe (constant lr and lambda, random init)", []),
     "row_seeded_tied": ("row-seeded, unscaled tie (the first reading) alone", ["training.init_mode=row_seeded", OLD_TIE]),
-    "warmup_cosine": ("warmup-cosine lr alone", ["training.lr_schedule=warmup_cosine"]),
-    "delayed_ramp": ("delayed lambda ramp alone", ["training.lambda_mode=delayed_ramp"]),
-    "paper_tied": ("all three, unscaled tie (the recipe of issue 15)", PAPER_SWITCHES + [OLD_TIE]),
     "row_seeded_inv_k": ("row-seeded, encoder x 1/k, alone", ["training.init_mode=row_seeded", "training.row_seeded_scale=inv_k"]),
-    "row_seeded_ls": ("row-seeded, encoder x least-squares s*, alone",
+    "row_seeded_ls": ("row-seeded, encoder x least-squares s* (the default scale), alone",
                       ["training.init_mode=row_seeded", "training.row_seeded_scale=least_squares"]),
-    "paper": ("all three, least-squares s* (the defaults)", PAPER_SWITCHES),
+    "warmup_cosine": ("warmup-cosine lr alone", ["training.lr_schedule=warmup_cosine"]),
+    "delayed_ramp_70": ("lambda ramp from 70% of training (the paper's) alone", ["training.lambda_mode=delayed_ramp", RAMP70]),
+    "delayed_ramp": ("lambda ramp from step 1 (the default start) alone", ["training.lambda_mode=delayed_ramp"]),
+    "paper_tied": ("all three, unscaled tie, ramp from 70% (the recipe of issue 15)", PAPER_SWITCHES + [OLD_TIE, RAMP70]),
+    "paper_ramp70": ("all three, least-squares s*, ramp from 70%", PAPER_SWITCHES + [RAMP70]),
+    "paper_lambda_const": ("row-seeded (s*) + warmup-cosine, constant lambda",
+                           ["training.init_mode=row_seeded", "training.lr_schedule=warmup_cosine"]),
+    "paper": ("all three with the measured defaults (s*, ramp from step 1): configs/paper/", PAPER_SWITCHES),
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 

@@ -435,7 +435,7 @@ class TrainingConfig:
     lr_warmup_steps: int | None = None
     final_lr_frac: float = 0.1
     lambda_mode: str = "constant"
-    lambda_ramp_start_frac: float = 0.7
+    lambda_ramp_start_frac: float = 0.0  # measured (docs/training.md); the paper's reading is 0.7
     auxk_coeff: float = 0.0
     auxk_k: int | None = None
     auxk_dead_steps: int = 1000

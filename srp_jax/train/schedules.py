@@ -5,7 +5,8 @@
 * ``warmup_cosine``: linear warmup lr*t/W for t <= W, then a half cosine from lr (at t = W)
   down to lr*final_lr_frac (at t = T).
 * ``delayed_ramp``: lambda = 0 for t < s = lambda_ramp_start_frac*T, then linear to
-  lambda_prism at t = T: lambda_prism * (t - s) / (T - s).
+  lambda_prism at t = T: lambda_prism * (t - s) / (T - s). The default s = 0 (a ramp over the
+  whole run) is measured (docs/training.md); the paper's "after 70% of training" is s = 0.7.
 """
 
 from __future__ import annotations
