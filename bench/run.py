@@ -415,6 +415,63 @@ def format_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rep: dict[str, Any], command: str = "python bench/run.py --json bench.json") -> str:
+    """The report as the README's results table (markdown): machine and versions, then one row
+    per measurement with both sides and the ratio (srp-jax speed / other speed)."""
+    m, r = rep["machine"], rep["ratios"]
+    v = m["versions"]
+    out = [
+        f"Measured by `{command}` ({rep['mode']} mode, {rep['config'].get('rounds', '?')} interleaved rounds, "
+        f"wall {rep['wall_s'] / 60:.0f} min) on {m['cpu_model']}, {m['cores']} cores; jax {v['jax']}, "
+        f"torch {v['torch']}, eai-sparsify {v['eai_sparsify']}; srp-jax git {str(m['git_commit'])[:10]}"
+        f"{'+dirty' if m['git_dirty'] else ''}; load average {m['load_average_start'][0]:.1f} at start. "
+        f"Dense float32 matmul peak in the same run: {_fmt(rep['matmul']['peak_gflops'], '.0f')} GFLOP/s.",
+        "",
+        "| work | shape | PyTorch way | srp-jax | srp-jax ÷ other speed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, e in rep["train"].items():
+        for block, other, label in (("prism", "torch", "plain PyTorch"), ("no_prism", "sparsify", "eai-sparsify")):
+            if block not in e:
+                continue
+            a, b = e[block]["srp"], e[block][other]
+            if "error" in a or "error" in b:
+                out.append(f"| train step ({block.replace('_', ' ')}) | {name} | {label}: error | error | n/a |")
+                continue
+            speed = e["speedup_vs_torch"] if block == "prism" else e.get("speedup_vs_sparsify")
+            frac = a.get("fraction_of_peak")
+            work = "train step, prism on" if block == "prism" else "train step, no prism"
+            strategy = f" ({a['strategy']})" if "strategy" in a else ""
+            peak = "" if frac is None else f", {100 * frac:.0f}% of peak"
+            out.append(
+                f"| {work} | {name} | {label}: {b['step_s']:.3f} s, {_gb(b['peak_rss_bytes'])} | "
+                f"{a['step_s']:.3f} s{strategy}, {_gb(a['peak_rss_bytes'])}{peak} | **{_fmt(speed, '.2f')}×** |"
+            )
+    d, inf = rep["decompose"], rep["config"]["inference_shape"]
+    tq = d["per_query"]["torch"].get("queries_per_s")
+    for label, entry in (("decomposition, per query", d["per_query"]["srp"]),
+                         ("decomposition, batched (sparse, code table)", d["batched_sparse"]["srp"])):  # fmt: skip
+        q = entry.get("queries_per_s")
+        out.append(f"| {label} | {inf} | {_fmt(tq, '.0f')} queries/s (per query) | {_fmt(q, '.0f')} queries/s | "
+                   f"**{_fmt(_ratio(q, tq), '.1f')}×** |")  # fmt: skip
+    rs, rt = rep["recon"]["srp"].get("rows_per_s"), rep["recon"]["torch"].get("rows_per_s")
+    out.append(f"| full-vocabulary encode + decode ({rep['config']['recon_rows']} rows) | {inf} | {_fmt(rt, '.0f')} rows/s | "
+               f"{_fmt(rs, '.0f')} rows/s | **{_fmt(_ratio(rs, rt), '.2f')}×** |")  # fmt: skip
+    out += [
+        "",
+        f"`train_step_speedup={_fmt(r['train_step_speedup'], '.2f')} sparsify_speedup={_fmt(r['sparsify_speedup'], '.2f')} "
+        f"decompose_speedup={_fmt(r['decompose_speedup'], '.2f')} recon_speedup={_fmt(r['recon_speedup'], '.2f')}` "
+        f"(headline shape {r['headline_shape']})",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python bench/run.py",
@@ -435,7 +492,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="optimizer of the sparsify step, built as sparsify's trainer does (default adam)")
     parser.add_argument("--skip-sparsify", action="store_true", help="leave out the eai-sparsify comparison")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per worker (default 3600)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the results as a markdown table (the README's)")
+    parser.add_argument("--from-json", metavar="FILE", help="measure nothing: print (and --markdown) a saved --json report")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        print(format_table(report), flush=True)
+        if args.markdown:
+            _write_atomic(Path(args.markdown), format_markdown(report))
+        return 1 if report["errors"] else 0
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     shapes = MODES[mode]["shapes"] if not args.shapes else [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -448,10 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                            args.timeout)
     print(format_table(report), flush=True)
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=float))
-        os.replace(tmp, path)
+        _write_atomic(Path(args.json), json.dumps(report, indent=1, default=float))
+    if args.markdown:
+        _write_atomic(Path(args.markdown), format_markdown(report))
     return 1 if report["errors"] else 0
 
 

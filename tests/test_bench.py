@@ -197,3 +197,14 @@ def test_run_smoke_end_to_end(tmp_path):
     assert labels[:2] == ["matmul 256 srp #1", "matmul 256 torch #1"]
     pids = [r["pid"] if "pid" in r else r["results"][0]["pid"] for r in rep["raw"]]
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    # the README's table is rendered from the saved report, measuring nothing
+    md = tmp_path / "results.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--from-json", str(out), "--markdown", str(md)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = md.read_text()
+    step_s = tiny["srp"]["step_s"]
+    row = next(line for line in table.splitlines() if line.startswith("| train step, prism on | tiny |"))
+    assert f"{step_s:.3f} s" in row and f"{tiny['torch']['step_s']:.3f} s" in row
+    assert f"**{rep['train']['tiny']['speedup_vs_torch']:.2f}×**" in row
+    assert table.rstrip().endswith(f"(headline shape {rep['ratios']['headline_shape']})")
