@@ -27,7 +27,7 @@ from ..errors import ConfigError, ShapeError
 from ..factorizers import sparse as S
 from ..readout import denormalize_rows
 from .codes import CodeTable, cached_code_table, sparse_codes_by_feature
-from .token import HIGHEST, dot, scalar_terms, token_terms
+from .token import HIGHEST, dot, identity_terms, scalar_terms, token_terms
 
 
 @flax.struct.dataclass
@@ -136,17 +136,10 @@ def _code_terms(m, params, code, h, w_rows, row_mean, row_norms):
 
 def _assemble(h, w_rows, row_mean, row_norms, recon, contributions, indices, n_active, m):
     residual_row = w_rows - denormalize_rows(recon, row_mean, row_norms)
-    original = _rowwise_dot(h, w_rows)
-    base = jnp.matmul(h, row_mean, precision=HIGHEST)
-    feature_sum = jnp.sum(contributions, axis=-1)
-    residual_term = _rowwise_dot(h, residual_row)
+    terms = identity_terms(_rowwise_dot(h, w_rows), jnp.matmul(h, row_mean, precision=HIGHEST),
+                           jnp.sum(contributions, axis=-1), _rowwise_dot(h, residual_row))  # fmt: skip
     return {
-        "original": original,
-        "base": base,
-        "feature_sum": feature_sum,
-        "residual_term": residual_term,
-        "reconstructed": base + feature_sum,
-        "identity_error": original - (base + feature_sum + residual_term),
+        **terms,
         "contributions": contributions,
         "indices": indices,
         "n_active": n_active,

@@ -98,10 +98,13 @@ def scalar_terms(params, h, w_row, row_mean, row_norm, code, contributions) -> d
     """original, base, feature_sum, residual_term (h . r), reconstructed (base + feature_sum)
     and identity_error of one row, given its code (D,) and contributions."""
     residual_row = w_row - denormalize_rows(F.decode(params, code[None])[0], row_mean, row_norm)
-    original = dot(h, w_row)
-    base = dot(h, row_mean)
-    feature_sum = jnp.sum(contributions)
-    residual_term = dot(h, residual_row)
+    return identity_terms(dot(h, w_row), dot(h, row_mean), jnp.sum(contributions), dot(h, residual_row))
+
+
+def identity_terms(original, base, feature_sum, residual_term) -> dict[str, jax.Array]:
+    """The named scalars of ``original = base + feature_sum + residual_term`` (any equal shapes):
+    the four terms, ``reconstructed`` (base + feature_sum) and ``identity_error`` (what the sum
+    misses: float round-off only)."""
     return {
         "original": original,
         "base": base,
@@ -162,4 +165,4 @@ def vector_arg(x: Any, name: str, rank_message: str, d_model: int) -> jax.Array:
     return arr
 
 
-__all__ = ["Decomposition", "token_terms", "scalar_terms", "decompose_token_logit", "vector_arg", "dot"]
+__all__ = ["Decomposition", "token_terms", "scalar_terms", "identity_terms", "decompose_token_logit", "vector_arg", "dot"]
