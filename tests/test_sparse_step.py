@@ -8,6 +8,7 @@ and AuxK. Tolerances: float32 summation-order differences only (~1e-6 relative).
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -245,3 +246,33 @@ def test_which_architectures_have_the_sparse_step(fkw, available, auto_sparse):
     else:
         with pytest.raises(ConfigError, match="not available"):
             StepSpec.build(fcfg, TrainingConfig(step_strategy="sparse"), 8, 10)
+
+
+def test_a_mesh_runs_the_dense_step():
+    """On a device mesh the step is the dense one: an ``auto`` spec that resolved to sparse is
+    switched to dense (the step then equals the dense step's), an explicit ``sparse`` is refused."""
+    from jax.sharding import Mesh
+
+    from srp_jax.train.compiled import setup_training
+
+    ds, w = _data()
+    fcfg = FactorizerConfig(architecture="topk", d_features=64, k=4)  # 4/64: auto is sparse on CPU
+    tcfg = TrainingConfig(batch_size=8, steps=3, lambda_prism=1e-3)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    auto = StepSpec.build(fcfg, tcfg, 12, 24, 2, backend="cpu")
+    assert auto.strategy == "sparse"
+    assert StepSpec.build(fcfg, tcfg, 12, 24, 2, backend="cpu", sharded=True).strategy == "dense"
+    opt = make_optimizer(tcfg)
+    on_mesh = setup_training(auto, opt, ds, w, init_seed=0, mesh=mesh)
+    assert on_mesh.fns.spec.strategy == "dense"
+    dense_cfg = dataclasses.replace(tcfg, step_strategy="dense")
+    dense = setup_training(StepSpec.build(fcfg, dense_cfg, 12, 24, 2), opt, ds, w, init_seed=0)
+    a, b = on_mesh.init(), dense.init()
+    for _ in range(2):
+        a, _ = on_mesh.fns.step(a, on_mesh.fns.sample(on_mesh.data, a.rng, a.step + 1))
+        b, _ = dense.fns.step(b, dense.fns.sample(dense.data, b.rng, b.step + 1))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    explicit = StepSpec.build(fcfg, dataclasses.replace(tcfg, step_strategy="sparse"), 12, 24, 2, backend="cpu")
+    with pytest.raises(ConfigError, match="sharded mesh"):
+        setup_training(explicit, opt, ds, w, init_seed=0, mesh=mesh)
