@@ -41,7 +41,7 @@ import numpy as np
 from . import factorizers as F
 from . import sharding as SH
 from .factorizers import sparse as S
-from .compile import DATA, compiled, mesh_axis_size
+from .compile import DATA, MODEL, compiled, mesh_axis_size
 from ._arrays import as_float_array, as_host_float_array, check_last_dim, is_spread
 from .config import EvaluationConfig, resolve_eval_k
 from .dictionary import inference_view
@@ -403,11 +403,19 @@ def _strided_chunked_map(fn, arrays, n: int, chunk: int, n_chunks: int):
     return rows, blocks
 
 
+def _sparse_eval(cfg, k) -> bool:
+    """(trace time) Whether evaluation encodes through the sparse code: the TopK family off a
+    mesh. On a mesh the dense encode's top-k is the latent-sharded one (``K.topk_mask``); the
+    sparse encode's plain ``lax.top_k`` would gather each block's (rows, D) activations."""
+    return F.sparse_code_available(cfg, k) and mesh_axis_size(DATA) * mesh_axis_size(MODEL) == 1
+
+
 def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
     """(traced) Encode/decode all rows X (V, d) in blocks: per-row recon (V, d), l0, res², x²,
     cosine, and usage (D,) int32. The TopK family (k < D) encodes through the sparse encode
-    and decodes its k active rows only (``factorizers.sparse``); other architectures densely."""
-    sparse = F.sparse_code_available(cfg, k)
+    and decodes its k active rows only (``factorizers.sparse``); other architectures, and any
+    architecture on a device mesh (whose encode takes the sharded top-k), densely."""
+    sparse = _sparse_eval(cfg, k)
 
     def body(x, valid):
         if sparse:
@@ -471,7 +479,7 @@ def reconstruct_rows(
 
 @compiled(static_argnames=("cfg", "k", "row_batch"))
 def _usage_jit(cfg, params, buffers, X, k, row_batch):
-    sparse = F.sparse_code_available(cfg, k)
+    sparse = _sparse_eval(cfg, k)
 
     def body(x, valid):
         if sparse:

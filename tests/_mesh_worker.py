@@ -34,6 +34,7 @@ def tiny_sets(arch: str, steps: int = 20) -> list[str]:
         "factorizer.k_values=[2,4,8]" if arch == "matryoshka_topk" else "factorizer.k_values=[]",
         "factorizer.matryoshka_weights=[]", f"training.steps={steps}", "training.batch_size=32",
         "training.log_every=1000", "training.init_mode=row_seeded", "data.max_hidden=64", "data.val_hidden=16",
+        "training.step_strategy=dense",  # a mesh runs the dense step: compare like with like
     ]  # fmt: skip
     if arch == "topk":  # AuxK's top-k over dead latents takes the sharded path too
         sets += ["training.auxk_coeff=0.01", "training.auxk_dead_steps=3"]

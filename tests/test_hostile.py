@@ -611,7 +611,12 @@ def test_orbax_noise_only_with_verbose(finished, tmp_path):
     assert quiet.returncode == 2 and all(ln.startswith(("[data]", "srp-jax train: error:")) for ln in lines), lines
     assert "no intact saved state" in lines[-1]
     loud = subprocess.run(argv + ["--verbose"], capture_output=True, text=True, env=_env(), timeout=300)
-    assert loud.returncode == 2 and ("Traceback" in loud.stderr or "Exception ignored" in loud.stderr)
+    # --verbose hides nothing: the same refusal, plus whatever the libraries printed (Orbax's
+    # "Event loop is closed" dumps come or not depending on thread timing, so they are not asserted)
+    loud_lines = [ln for ln in loud.stderr.splitlines() if ln.strip()]
+    refusals = [ln for ln in loud_lines if ln.startswith("srp-jax train: error:")]
+    assert loud.returncode == 2 and len(refusals) == 1 and "no intact saved state" in refusals[0]
+    assert len(loud_lines) >= len(lines) and lines[0] in loud_lines  # the [data] notice too
     assert snapshot(run) == before
 
 

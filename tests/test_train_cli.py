@@ -168,3 +168,11 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
     np.savez(bad, W_U=np.ones((4, 3), np.float32), h_LN=np.ones((2, 5), np.float32))  # d 3 vs 5
     assert main(["train", "--config", "smoke", "--data-path", str(bad), "--out", str(out)]) == 2
     assert "does not match" in capsys.readouterr().err and not out.exists()
+    # a step the config cannot have is refused before the run directory is written, so the
+    # corrected command then simply runs (no manifest of the refused config left behind)
+    for bad_step in (["factorizer.architecture=jumprelu", "training.step_strategy=sparse"],
+                     ["factorizer.architecture=jumprelu", "training.auxk_coeff=0.1"]):
+        argv = ["train", "--config", "smoke", "--out", str(out), "--set", "training.steps=2"]
+        assert main(argv + [x for s in bad_step for x in ("--set", s)]) == 2
+        err = capsys.readouterr().err
+        assert ("step_strategy" in err or "auxk_coeff" in err) and not out.exists(), err

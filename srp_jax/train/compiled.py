@@ -30,8 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from .. import sharding as SH
-from ..compile import compile_step, compiled
-from ..errors import ConfigError
+from ..compile import compile_step, compiled, resolve_step_strategy
 from ..factorizers.sharded_topk import approximate_topk
 from .sampling import TrainData
 from .state import TrainState, init_train_state
@@ -187,10 +186,9 @@ def setup_training(
     partition rules are written for the dense products): a spec that resolved ``auto`` to
     sparse without knowing of the mesh is switched to dense; an explicit ``sparse`` is refused."""
     fcfg, tcfg = spec.factorizer, spec.training
-    if mesh is not None and spec.strategy == "sparse":
-        if tcfg.step_strategy == "sparse":
-            raise ConfigError("training.step_strategy 'sparse' is not available on a sharded mesh; use dense or auto")
-        spec = dataclasses.replace(spec, strategy="dense")
+    if mesh is not None and spec.strategy == "sparse":  # a spec resolved without knowing of the mesh
+        strategy = resolve_step_strategy(tcfg.step_strategy, sparse_supported=True, sharded=True)  # refuses 'sparse'
+        spec = dataclasses.replace(spec, strategy=strategy)
     data = place_train_data(TrainData.from_dataset(dataset, sample_weights, spec.prism_ranks, host=mesh is not None), mesh)
 
     def fresh(rows: Any) -> TrainState:

@@ -503,6 +503,7 @@ def _decide(cfg: RunConfig, out: Path, report: Path | None, want_pt: bool, log, 
         if manifest is not None:
             _check_same_data(out, manifest, loaded)
     _check_fits(cfg, loaded)
+    _check_step(cfg, loaded)
     if loaded.used_fallback:
         log("[data] no data.path: training on the built-in synthetic readout (data.fallback: synthetic)")
     if manifest is None:
@@ -627,6 +628,15 @@ def _device_memory() -> int | None:
 
 def _sizes(cfg: RunConfig, d_model: int) -> str:
     return f"factorizer.d_features={cfg.factorizer.d_features}, d_model={d_model}, training.batch_size={cfg.training.batch_size}"
+
+
+def _check_step(cfg: RunConfig, loaded: LoadedPayload) -> None:
+    """Refuse, before anything is written, a step the config cannot have (an explicit
+    ``training.step_strategy: sparse`` where it cannot run, AuxK without a k budget): the
+    checks of :meth:`StepSpec.build`, on the run's d_model and mesh."""
+    d_model = int(loaded.arrays["W_U"].shape[1])
+    sharded = SH.resolve_mesh_shape(cfg.mesh, jax.device_count()) != (1, 1)
+    StepSpec.build(cfg.factorizer, cfg.training, d_model, 1, sharded=sharded)
 
 
 def _check_fits(cfg: RunConfig, loaded: LoadedPayload) -> None:
