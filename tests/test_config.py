@@ -126,10 +126,10 @@ def test_paper_recipe_keys_and_mesh_accepted():
 
 
 def test_builtin_configs_all_load():
-    names = ["smoke", "smollm2-cpu"] + [
+    names = ["smoke", "smollm2-cpu", "smollm2-cpu-paper"] + [
         f"paper/{p.parent.name}/{p.stem}" for p in sorted((REPO / "configs" / "paper").glob("*/*.yaml"))
     ]
-    assert len(names) == 19
+    assert len(names) == 20
     for name in names:
         assert builtin_config_path(name) is not None, name
         cfg = load_run_config(name)
@@ -144,6 +144,16 @@ def test_builtin_configs_all_load():
     assert (m32.training.init_mode, m32.training.lambda_mode) == ("row_seeded", "constant")
     s = load_run_config("smollm2-cpu")
     assert s.data.path == "${SRP_SMOLLM2_PAYLOAD}" and s.data.fallback == "error"
+    # the paper variant differs from it in the recipe keys only (and the run's name / folder)
+    p, sd = load_run_config("smollm2-cpu-paper").to_dict(), s.to_dict()
+    recipe = {"init_mode": "row_seeded", "row_seeded_scale": "least_squares", "lr_schedule": "warmup_cosine",
+              "lr_warmup_steps": 50, "final_lr_frac": 0.1, "lambda_mode": "delayed_ramp", "lambda_ramp_start_frac": 0.0}
+    assert {key: p["training"][key] for key in recipe} == recipe
+    for block in sd:
+        for key in sd[block] if isinstance(sd[block], dict) else ():
+            if block == "training" and key in recipe or block == "run" and key in ("name", "output_dir"):
+                continue
+            assert p[block][key] == sd[block][key], (block, key)
     # the shipped smoke.yaml is the reference smoke config (plus comments)
     assert load_run_config("smoke").to_dict() == load_run_config(REF / "smoke.yaml").to_dict()
 
