@@ -15,6 +15,7 @@ never touched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -172,7 +173,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+
+def sha256_of_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, streamed in ``chunk``-byte reads (never the whole file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 __all__ = [
+    "sha256_of_file",
     "atomic_file",
     "write_text_atomic",
     "publish_permissions",

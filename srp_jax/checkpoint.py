@@ -53,7 +53,7 @@ import ml_dtypes
 import numpy as np
 
 from . import factorizers as F
-from ._atomic import check_writable_parent, clean_stale_siblings, old_prefix, publish_permissions, temp_prefix
+from ._atomic import check_writable_parent, clean_stale_siblings, old_prefix, publish_permissions, sha256_of_file, temp_prefix
 from .config import FactorizerConfig
 from .errors import CheckpointError, OutputError, ShapeError, SrpError
 
@@ -188,12 +188,7 @@ def block_sha256s(arr: np.ndarray) -> dict[str, list[str]]:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_file_sha256 = sha256_of_file
 
 
 # --------------------------------------------------------------------------------------------

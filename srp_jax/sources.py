@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import sha256_of_file
 from .errors import CheckpointError, ConfigError, DependencyError, HubError, ShapeError
 
 CACHE_ENV = "SRP_JAX_CACHE"
@@ -103,11 +103,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _file_sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:  # noqa: ARG001 - cache key
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of_file(path, chunk)
 
 
 def softcap_from_config(config: Mapping[str, Any] | None) -> float | None:

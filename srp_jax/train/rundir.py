@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._atomic import write_text_atomic
+from .._atomic import sha256_of_file, write_text_atomic
 from .._version import __version__
 from ..checkpoint import METADATA_FILE, is_srp_checkpoint
 from ..config import RunConfig
@@ -107,12 +106,7 @@ def _short(value: Any) -> str:
 # File records
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256_file = sha256_of_file
 
 
 def file_record(path: Path) -> dict[str, Any]:
