@@ -1,4 +1,4 @@
-"""Reading and writing PyTorch ``.pt`` checkpoints (the only module family that imports torch).
+"""Reading and writing PyTorch ``.pt`` checkpoints (with ``convert.torch_runtime``, the only importers of torch).
 
 ``read_pt`` uses ``torch.load(weights_only=True)`` only: a pickle that would run code (any
 global outside torch's weights-only allow-list, such as ``os.system``) is refused by torch's

@@ -1,6 +1,7 @@
-"""The one bridge from ``srp_jax`` to torch: ``.pt`` file I/O lives in ``convert.pt_io`` (the
-only module that imports torch), reached lazily from here, so ``import srp_jax`` never imports
-torch; without torch the error names the ``convert`` extra to install.
+"""The one bridge from ``srp_jax`` to torch: ``.pt`` file I/O lives in ``convert.pt_io`` and
+running a model (the ``extract`` extra) in ``convert.torch_runtime`` (the only modules that
+import torch), reached lazily from here, so ``import srp_jax`` never imports torch; without
+torch the error names the extra to install.
 
 Code above :mod:`srp_jax.dictionary` (the training loop's ``.pt`` export, the CLI) calls
 :func:`require_torch` and then uses ``convert.checkpoints`` (Dictionary <-> ``.pt`` schema),
@@ -47,3 +48,15 @@ def write_pt(obj: Any, path, **kwargs: Any) -> Any:
     from convert.pt_io import write_pt as _write
 
     return _write(obj, path, **kwargs)
+
+
+def torch_runtime(what: str = "running a model") -> Any:
+    """The ``convert.torch_runtime`` module (``.torch``, ``.dtype(name)``) for code that drives a
+    torch model (``srp_jax.extract``); without torch a DependencyError naming the extract extra."""
+    if not torch_available():
+        raise DependencyError(
+            f"{what} needs PyTorch, which is not installed; install the 'extract' extra: pip install 'srp-jax[extract]'"
+        )
+    from convert import torch_runtime as runtime
+
+    return runtime

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import atomic_file, publish_permissions, write_text_atomic
+from ._lazy import torch_runtime
 from .corpus import Corpus
 from .errors import CheckpointError, ConfigError, DependencyError, SrpError
 from .sources import ModelSpec, cache_root, file_sha256, payload_manifest_path, read_payload_manifest
@@ -152,12 +153,6 @@ def _quiet_transformers(show_progress: bool):
             gguf_utils.tqdm = gguf_tqdm
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def _from_pretrained(transformers, location: str, dtype, **kwargs):
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
@@ -177,7 +172,7 @@ def materialized_gguf(path: Path, *, show_progress: bool = False, log: Callable[
     if (folder / "srp_jax_source.json").is_file():
         return folder
     log(f"[extract] converting {path.name} to a Hugging Face folder in {folder.parent} (once)")
-    import torch
+    torch = torch_runtime(f"converting {path.name}").torch
 
     with _quiet_transformers(show_progress) as transformers:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -221,7 +216,7 @@ def load_model(
     """``(model, tokenizer)`` for a model spec, in eval mode. ``materialize`` (GGUF only):
     None = when the file is at most ``GGUF_MATERIALIZE_MAX_BYTES``."""
     require_extract_extra(f"loading {spec.name}")
-    dtype = _torch_dtype(model_dtype)
+    dtype = torch_runtime(f"loading {spec.name}").dtype(model_dtype)
     with _quiet_transformers(show_progress) as transformers:
         if spec.kind == "gguf":
             small = spec.path.stat().st_size <= GGUF_MATERIALIZE_MAX_BYTES
@@ -277,9 +272,7 @@ class HiddenStates:
     reference). ``__call__(input_ids, attention_mask) -> (h (B, T, d) float32 torch, logits)``."""
 
     def __init__(self, model: Any):
-        import torch
-
-        self.torch = torch
+        self.torch = torch_runtime("capturing hidden states").torch
         self.model = model
         self.lm_head, self.lm_head_path = find_module(model, LM_HEAD_PATHS)
         if self.lm_head is None:

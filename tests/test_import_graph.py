@@ -127,7 +127,8 @@ def test_import_graph_is_acyclic():
 def test_layering_one_way():
     """The layers the architecture doc describes: config near the bottom (it only knows the
     architecture registry), checkpoint below dictionary, torch only in convert/pt_io.py (checkpoint
-files) and srp_jax/extract.py (running a model, the extract extra, reached from the CLI only)."""
+files) and convert/torch_runtime.py (running a model for srp_jax/extract.py, the extract extra,
+reached from the CLI only)."""
     graph = import_graph()
 
     def reaches(src: str, dst: str) -> bool:
@@ -157,9 +158,10 @@ files) and srp_jax/extract.py (running a model, the extract extra, reached from 
         return False
 
     # torch reads and writes .pt files (convert/pt_io.py) and runs a model for the extract extra
-    # (srp_jax/extract.py, reached only from the CLI); nothing else imports it
+    # (convert/torch_runtime.py, handed to srp_jax/extract.py by srp_jax._lazy); nothing else
+    # imports it, and nothing under srp_jax/ imports it itself
     torch_importers = sorted(m for m, p in _modules().items() if imports_torch(p))
-    assert torch_importers == ["convert.pt_io", "srp_jax.extract"], torch_importers
+    assert torch_importers == ["convert.pt_io", "convert.torch_runtime"], torch_importers
     importers_of_extract = sorted(m for m in graph if "srp_jax.extract" in graph[m])
     assert all(m.startswith("srp_jax.cli.") for m in importers_of_extract), importers_of_extract
 
