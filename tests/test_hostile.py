@@ -613,10 +613,10 @@ def test_orbax_noise_only_with_verbose(finished, tmp_path):
     loud = subprocess.run(argv + ["--verbose"], capture_output=True, text=True, env=_env(), timeout=300)
     # --verbose hides nothing: the same refusal, plus whatever the libraries printed (Orbax's
     # "Event loop is closed" dumps come or not depending on thread timing, so they are not asserted)
-    loud_lines = [ln for ln in loud.stderr.splitlines() if ln.strip()]
-    refusals = [ln for ln in loud_lines if ln.startswith("srp-jax train: error:")]
-    assert loud.returncode == 2 and len(refusals) == 1 and "no intact saved state" in refusals[0]
-    assert len(loud_lines) >= len(lines) and lines[0] in loud_lines  # the [data] notice too
+    # (library threads may write mid-line, so the refusal is looked for anywhere in the text)
+    assert loud.returncode == 2 and loud.stderr.count("srp-jax train: error:") == 1
+    assert "no intact saved state" in loud.stderr.split("srp-jax train: error:", 1)[1]
+    assert lines[0] in loud.stderr  # the [data] notice too
     assert snapshot(run) == before
 
 
