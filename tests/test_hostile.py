@@ -614,7 +614,7 @@ def test_orbax_noise_only_with_verbose(finished, tmp_path):
     # --verbose hides nothing: the same refusal, plus whatever the libraries printed (Orbax's
     # "Event loop is closed" dumps come or not depending on thread timing, so they are not asserted)
     # (library threads may write mid-line, so the refusal is looked for anywhere in the text)
-    assert loud.returncode == 2 and loud.stderr.count("srp-jax train: error:") == 1
+    assert loud.returncode == 2 and loud.stderr.count("srp-jax train: error:") == 1, loud.stderr[-2000:]
     assert "no intact saved state" in loud.stderr.split("srp-jax train: error:", 1)[1]
     assert lines[0] in loud.stderr  # the [data] notice too
     assert snapshot(run) == before

@@ -118,6 +118,9 @@ class StateStore:
         step = int(state.step)
         if self._manager.latest_step() == step:
             return
+        # a frozen copy: Orbax writes it asynchronously, while the loop keeps appending to the
+        # history list it was given (a shared list would be saved longer than it was hashed)
+        extra = json.loads(json.dumps(dict(extra)))
         record = {"step": step, **state_sums(SH.to_host(state), extra)}  # every process gathers; process 0 writes
         if SH.is_primary():
             write_text_atomic(self.directory / f"{step}{SUMS_SUFFIX}", json.dumps(record, indent=0) + "\n")
