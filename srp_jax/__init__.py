@@ -101,7 +101,12 @@ def __getattr__(name: str):
     try:
         module, attr = _EXPORTS[name]
     except KeyError:
-        raise AttributeError(f"module 'srp_jax' has no attribute {name!r}") from None
+        import importlib.util
+
+        # a submodule (``srp_jax.modules`` after ``import srp_jax``), as an eager package gives
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'srp_jax' has no attribute {name!r}") from None
+        module, attr = name, None
     value = _importlib.import_module(f".{module}", __name__)
     if attr is not None:
         value = getattr(value, attr)
