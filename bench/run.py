@@ -179,10 +179,12 @@ def summarize_train(results: list[dict[str, Any]]) -> dict[str, Any]:
     median = statistics.median(steps)
     first = statistics.median(r["first_call_s"] for r in good)
     peaks = [r["peak_rss_bytes"] for r in good if r.get("peak_rss_bytes")]
+    steady = [r["steady_peak_rss_bytes"] for r in good if r.get("steady_peak_rss_bytes")]
     return {
         "step_s": median, "step_s_min": min(steps), "step_s_all": steps,
         "first_call_s": first, "warmup_extra_s": max(first - median, 0.0),
         "peak_rss_bytes": max(peaks) if peaks else None,
+        "steady_peak_rss_bytes": max(steady) if steady else None,
         "rss_after_setup_bytes": max((r["rss_after_setup_bytes"] or 0) for r in good) or None,
         "finite": all(r["finite"] for r in good), "rounds": len(good),
         **({"strategy": good[0]["strategy"]} if "strategy" in good[0] else {}),
@@ -282,6 +284,8 @@ def run_benchmark(mode: str, shapes: list[str], rounds: int, strategy: str, spar
         entry["speedup_vs_torch"] = _ratio(entry["prism"]["torch"].get("step_s"), entry["prism"]["srp"].get("step_s"))
         entry["memory_ratio_vs_torch"] = _ratio(entry["prism"]["srp"].get("peak_rss_bytes"),
                                                 entry["prism"]["torch"].get("peak_rss_bytes"))
+        entry["steady_memory_ratio_vs_torch"] = _ratio(entry["prism"]["srp"].get("steady_peak_rss_bytes"),
+                                                       entry["prism"]["torch"].get("steady_peak_rss_bytes"))
         if "no_prism" in entry:
             entry["speedup_vs_sparsify"] = _ratio(entry["no_prism"]["sparsify"].get("step_s"),
                                                   entry["no_prism"]["srp"].get("step_s"))
@@ -347,6 +351,12 @@ def _fmt(x: Any, spec: str = ".3g", none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
+def _mem(s: dict[str, Any]) -> str:
+    """'steady / whole' peak RSS of one train summary (the whole includes the first call)."""
+    steady, whole = s.get("steady_peak_rss_bytes"), s.get("peak_rss_bytes")
+    return _gb(whole) if steady is None else f"{_gb(steady)} / {_gb(whole)}"
+
+
 def _gb(x: int | None) -> str:
     return "n/a" if not x else f"{x / 1e9:.2f} GB"
 
@@ -363,8 +373,8 @@ def format_table(rep: dict[str, Any]) -> str:
         f"dense f32 matmul peak: XLA {_fmt(rep['matmul']['srp'].get('gflops'), '.1f')} GFLOP/s, torch "
         f"{_fmt(rep['matmul']['torch'].get('gflops'), '.1f')} GFLOP/s -> peak {_fmt(rep['matmul']['peak_gflops'], '.1f')}",
         "",
-        "train step (median s; peak RSS; fraction of matmul peak for the required FLOPs; warm-up extra s)",
-        f"{'shape':<18} {'work':<10} {'impl':<12} {'step s':>9} {'peak RSS':>10} {'%peak':>7} {'warm-up':>8}  speedup",
+        "train step (median s; peak RSS over the timed steps / including the first, compiling call; fraction of matmul peak for the required FLOPs; warm-up extra s)",
+        f"{'shape':<18} {'work':<10} {'impl':<12} {'step s':>9} {'peak RSS steady / all':>18} {'%peak':>7} {'warm-up':>8}  speedup",
     ]
     for name, e in rep["train"].items():
         for block, other in (("prism", "torch"), ("no_prism", "sparsify")):
@@ -379,7 +389,7 @@ def format_table(rep: dict[str, Any]) -> str:
                 frac = s.get("fraction_of_peak")
                 label = f"{impl}/{s['strategy']}" if "strategy" in s else impl
                 lines.append(
-                    f"{name:<18} {block:<10} {label:<12} {s['step_s']:9.4f} {_gb(s['peak_rss_bytes']):>10} "
+                    f"{name:<18} {block:<10} {label:<12} {s['step_s']:9.4f} {_mem(s):>18} "
                     f"{_fmt(None if frac is None else 100 * frac, '.1f'):>6}% {s['warmup_extra_s']:8.2f}"
                     + (f"  {_fmt(speed, '.2f')}x" if impl == "srp" else "")
                 )
@@ -425,7 +435,9 @@ def format_markdown(rep: dict[str, Any], command: str = "python bench/run.py --j
         f"wall {rep['wall_s'] / 60:.0f} min) on {m['cpu_model']}, {m['cores']} cores; jax {v['jax']}, "
         f"torch {v['torch']}, eai-sparsify {v['eai_sparsify']}; srp-jax git {str(m['git_commit'])[:10]}"
         f"{'+dirty' if m['git_dirty'] else ''}; load average {m['load_average_start'][0]:.1f} at start. "
-        f"Dense float32 matmul peak in the same run: {_fmt(rep['matmul']['peak_gflops'], '.0f')} GFLOP/s.",
+        f"Dense float32 matmul peak in the same run: {_fmt(rep['matmul']['peak_gflops'], '.0f')} GFLOP/s. "
+        "Memory is the process's peak RSS over the timed steps / including the first call (srp-jax "
+        "compiles there).",
         "",
         "| work | shape | PyTorch way | srp-jax | srp-jax ÷ other speed |",
         "|---|---|---|---|---|",
@@ -444,8 +456,8 @@ def format_markdown(rep: dict[str, Any], command: str = "python bench/run.py --j
             strategy = f" ({a['strategy']})" if "strategy" in a else ""
             peak = "" if frac is None else f", {100 * frac:.0f}% of peak"
             out.append(
-                f"| {work} | {name} | {label}: {b['step_s']:.3f} s, {_gb(b['peak_rss_bytes'])} | "
-                f"{a['step_s']:.3f} s{strategy}, {_gb(a['peak_rss_bytes'])}{peak} | **{_fmt(speed, '.2f')}×** |"
+                f"| {work} | {name} | {label}: {b['step_s']:.3f} s, {_mem(b)} | "
+                f"{a['step_s']:.3f} s{strategy}, {_mem(a)}{peak} | **{_fmt(speed, '.2f')}×** |"
             )
     d, inf = rep["decompose"], rep["config"]["inference_shape"]
     tq = d["per_query"]["torch"].get("queries_per_s")

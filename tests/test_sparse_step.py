@@ -44,11 +44,13 @@ def _setup(D=48, d=12, B=37, seed=0):
     return params, x / jnp.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("block", [1, 4, 16, None])
-def test_kernels_match_dense_formulas_for_any_block(block, monkeypatch):
-    # budgets in floats: 1 row, 4 rows (k 5, d 12), 16 rows, one block
+@pytest.mark.parametrize("block, unrolled", [(1, 64), (1, 0), (4, 64), (16, 0), (None, 64)])
+def test_kernels_match_dense_formulas_for_any_block(block, unrolled, monkeypatch):
+    # budgets in floats: 1 row, 4 rows (k 5, d 12), 16 rows, one block; the encoder's blocks
+    # written out one by one (unrolled 64) or looped over (0)
     monkeypatch.setattr(S, "CPU_BLOCK_ELEMENTS", None if block is None else block * 5 * 12)
     monkeypatch.setattr(S, "CPU_ENCODE_ELEMENTS", None if block is None else max(1, block // 2) * 48)
+    monkeypatch.setattr(S, "MAX_UNROLLED_ENCODE_BLOCKS", unrolled)
     monkeypatch.setattr(S, "SLOT_UNROLL", 3)  # k 5 = 3 + 2: the decode's last slot step is padded
     params, x = _setup()
     k, D = 5, 48
@@ -120,6 +122,68 @@ def test_scatter_and_gather_primitives_by_hand(slot_loop, monkeypatch):
     np.testing.assert_allclose(S.scatter_add_values(coef, idx, 4), [1.0, 2.5, 0.0, -1.0])
     with pytest.raises(ValueError, match="levels"):
         S.squared_errors(table, S.SparseCode(coef, idx), rows, (3,))
+
+
+def _scatter_by_hand(coef, rows, idx, width):
+    out = np.zeros((width, rows.shape[1]), np.float64)
+    for b in range(idx.shape[0]):
+        for s in range(idx.shape[1]):
+            out[idx[b, s]] += float(coef[b, s]) * rows[b].astype(np.float64)
+    return out
+
+
+def _distinct_indices(rng, B, k, width):
+    return np.stack([rng.choice(width, k, replace=False) for _ in range(B)]).astype(np.int32)
+
+
+def test_scatter_plan_groups_entries_by_row_in_position_order():
+    rng = np.random.default_rng(0)
+    idx = _distinct_indices(rng, 9, 4, 13)
+    plan = S.scatter_plan(jnp.asarray(idx), 13)
+    feature, source = np.asarray(plan.feature), np.asarray(plan.source)
+    flat = idx.reshape(-1)
+    # a permutation of the flat positions, each entry naming its own row
+    assert sorted(source.tolist()) == list(range(idx.size))
+    np.testing.assert_array_equal(feature, flat[source])
+    # one chunk here: rows ascending, positions ascending within a row (the unsorted order)
+    order = np.lexsort((np.arange(flat.size), flat))
+    np.testing.assert_array_equal(source, order)
+
+
+def test_scatter_plan_splits_into_chunks_when_keys_would_overflow_32_bits():
+    # width 2^20 leaves 12 bits of positions: chunks of 4096 // 8 = 512 rows of k 8
+    rng = np.random.default_rng(1)
+    width, B, k = 1 << 20, 1100, 8
+    idx = rng.integers(0, width, (B, k)).astype(np.int32)
+    plan = S.scatter_plan(jnp.asarray(idx), width)
+    feature, source = np.asarray(plan.feature), np.asarray(plan.source)
+    np.testing.assert_array_equal(feature, idx.reshape(-1)[source])
+    bounds = [0, 512 * k, 1024 * k, B * k]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # each chunk holds its own positions, sorted by row
+        assert sorted(source[lo:hi].tolist()) == list(range(lo, hi))
+        assert np.all(np.diff(feature[lo:hi]) >= 0)
+    with pytest.raises(ValueError, match="32-bit"):
+        S.scatter_plan(jnp.zeros((2, 4), jnp.int32), 1 << 31)
+
+
+@pytest.mark.parametrize("sorted_block", [1, 5, 512])
+def test_sorted_scatter_equals_the_row_block_scatter(sorted_block, monkeypatch):
+    # both equal the sum by hand up to float summation order (padded last loop step: 5), and
+    # the grouped scatter is a pure function of its inputs (the same plan gives the same bits)
+    monkeypatch.setattr(S, "SORTED_SCATTER_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(S, "SORTED_SCATTER_BLOCK", sorted_block)
+    rng = np.random.default_rng(2)
+    B, k, d, width = 23, 6, 7, 40
+    idx = _distinct_indices(rng, B, k, width)
+    coef = rng.standard_normal((B, k)).astype(np.float32)
+    rows = rng.standard_normal((B, d)).astype(np.float32)
+    got = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width)
+    row_blocks = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width, block=4)
+    np.testing.assert_allclose(got, row_blocks, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, _scatter_by_hand(coef, rows, idx, width), rtol=1e-5, atol=1e-5)
+    plan = S.scatter_plan(jnp.asarray(idx), width)  # a given plan is used as is
+    again = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width, plan=plan)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
 
 
 # --------------------------------------------------------------------------------------------
