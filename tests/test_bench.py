@@ -186,6 +186,8 @@ def test_run_smoke_end_to_end(tmp_path):
     tiny = rep["train"]["tiny"]["prism"]
     for impl in ("srp", "torch"):
         assert tiny[impl]["step_s"] > 0 and tiny[impl]["peak_rss_bytes"] > 0 and tiny[impl]["finite"]
+        # the steady peak (timed steps only) is part of the whole measurement's
+        assert 0 < tiny[impl]["steady_peak_rss_bytes"] <= tiny[impl]["peak_rss_bytes"]
         assert 0 < tiny[impl]["fraction_of_peak"] < 1
     assert rep["matmul"]["peak_gflops"] > 0
     # the two implementations decompose and reconstruct the same dictionary identically
