@@ -41,6 +41,15 @@ def to_numpy(x: Any, *, name: str = "array") -> np.ndarray:
         raise ShapeError(f"{name}: cannot be read as an array ({type(x).__name__}: {exc})") from None
 
 
+def to_device(a: Any, dtype: Any = None) -> jax.Array:
+    """``a`` as a default-device array (of ``dtype`` when given) in one copy; a jax array that
+    already has that dtype is returned as is. (``jnp.asarray`` of a NumPy array stages a second,
+    transient copy: for a (248320, 2048) float32 readout, a 6.3 GB peak instead of 4.25 GB.)"""
+    if isinstance(a, jax.Array) and (dtype is None or a.dtype == dtype):
+        return a
+    return jax.device_put(np.asarray(a, dtype))
+
+
 def as_float_array(
     x: Any,
     *,

@@ -1,6 +1,6 @@
 """The one bridge from ``srp_jax`` to torch: ``.pt`` file I/O lives in ``convert.pt_io`` and
-running a model (the ``extract`` extra) in ``convert.torch_runtime`` (the only modules that
-import torch), reached lazily from here, so ``import srp_jax`` never imports torch; without
+running a model (the ``extract`` extra) in ``convert.torch_runtime`` (the only modules
+importing torch), reached lazily from here, so ``import srp_jax`` never imports torch; without
 torch the error names the extra to install.
 
 Code above :mod:`srp_jax.dictionary` (the training loop's ``.pt`` export, the CLI) calls

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._arrays import to_numpy
+from ._arrays import to_device, to_numpy
 from ._lazy import read_pt
 from .compile import compiled
 from .config import DataConfig, RunConfig, parse_row_sampling, validate_sampling_mode
@@ -247,7 +247,7 @@ def compute_top_targets(
     """``(top_targets (N, n) int64, top_counts (V,) int64)``: for each hidden state the row
     positions of its ``n = min(top_n, V)`` largest logits h @ W^T, and how often each row appears
     in those lists. Ties go to the lower row."""
-    W_j = jnp.asarray(np.asarray(W, np.float32))
+    W_j = to_device(W, np.float32)
     H = np.asarray(hidden, np.float32)
     V = W_j.shape[0]
     n = min(int(top_n), V)
@@ -473,7 +473,7 @@ def build_prism_dataset(config: Any, loaded: LoadedPayload, seed: int = 0) -> Pr
     W = np.ascontiguousarray(W_full[row_ids])
     row_mean, row_norms, rows_normalized = preprocess_rows(W)
     rows = Readout(
-        W_U=jnp.asarray(W), row_mean=row_mean, row_norms=row_norms, rows_normalized=rows_normalized,
+        W_U=to_device(W), row_mean=row_mean, row_norms=row_norms, rows_normalized=rows_normalized,
         row_token_ids=row_ids.astype(np.int64),
     )
     top_targets, top_counts = compute_top_targets(W, hidden_train, top_n=TOP_TARGETS_N)

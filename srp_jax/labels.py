@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._arrays import to_device
 from .compile import compiled
 from .dictionary import inference_view
 from .factorizers.kernels import HIGHEST
@@ -91,7 +92,7 @@ def top_rows_by_activation(
     """
     _, params, _, _ = inference_view(dictionary)
     ids = np.arange(dictionary.d_features) if features is None else np.asarray(features, np.int64).reshape(-1)
-    X = jnp.asarray(readout.rows_normalized)
+    X = to_device(readout.rows_normalized)
     V = int(X.shape[0])
     n = int(min(n, V))
     ok = np.ones(V, bool) if row_mask is None else np.asarray(row_mask, bool).reshape(-1)

@@ -210,3 +210,20 @@ def test_run_smoke_end_to_end(tmp_path):
     assert f"{step_s:.3f} s" in row and f"{tiny['torch']['step_s']:.3f} s" in row
     assert f"**{rep['train']['tiny']['speedup_vs_torch']:.2f}×**" in row
     assert table.rstrip().endswith(f"(headline shape {rep['ratios']['headline_shape']})")
+
+
+def test_ab_kernels_compiles_each_variant_and_they_agree():
+    # the in-process A/B that docs/performance.md quotes: two scatter orders on the tiny shape
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab_kernels.py"), "tiny", "--prism", "--reps", "2",
+         "SORTED_SCATTER_BACKENDS=", "SORTED_SCATTER_BACKENDS=cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [line for line in proc.stdout.splitlines() if ": median " in line]
+    assert len(results) == 2 and results[0].startswith("{'SORTED_SCATTER_BACKENDS': ()}")
+    losses = [float(line.rsplit("loss ", 1)[1]) for line in results]
+    assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "ab_kernels.py"), "tiny", "NO_SUCH=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "no setting NO_SUCH" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -216,3 +217,17 @@ def test_load_prism_dataset_fallbacks(monkeypatch, tmp_path):
     monkeypatch.setenv("SRP_NOPE", str(tmp_path))
     ds = load_prism_dataset({"data": {"path": "${SRP_NOPE}/p.npz", "fallback": "error"}}, seed=0)
     assert ds.vocab_size == 30 and not ds.used_fallback
+
+
+def test_to_device_places_one_copy_and_keeps_matching_jax_arrays():
+    from srp_jax._arrays import to_device
+
+    host = np.arange(12, dtype=np.float64).reshape(3, 4)
+    placed = to_device(host, np.float32)
+    assert isinstance(placed, jax.Array) and placed.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(placed), host.astype(np.float32))
+    host[0, 0] = 99.0  # a copy, not a view of the NumPy buffer
+    assert float(placed[0, 0]) == 0.0
+    assert to_device(placed, np.float32) is placed and to_device(placed) is placed
+    assert to_device(placed, np.int32).dtype == np.int32
+    assert to_device(np.ones(2, np.float16)).dtype == np.float16  # dtype kept when not given

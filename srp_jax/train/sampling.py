@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._arrays import to_device
 from ..compile import spread_rows
 from ..config import ROW_SAMPLERS
 from ..errors import ShapeError
@@ -78,7 +79,7 @@ class TrainData:
     def from_dataset(cls, dataset: Any, sample_weights: Any, prism_ranks: int = 1, *, host: bool = False) -> TrainData:
         """From a :class:`~srp_jax.data.PrismDataset` (or any object with its fields).
         ``host``: keep NumPy arrays (to be placed on a mesh) instead of default-device arrays."""
-        asarray = np.asarray if host else _to_device
+        asarray = np.asarray if host else to_device
         targets = np.asarray(dataset.top_targets)
         targets = targets[:, : max(1, min(prism_ranks, targets.shape[1] if targets.ndim == 2 else 1))]
         w = np.asarray(sample_weights, np.float64)
@@ -106,14 +107,6 @@ class TrainData:
             sample_logits=asarray(np.log(np.maximum(w, 1e-300)), jnp.float32),
             row_cdf=asarray(row_cdf),
         )
-
-
-def _to_device(a: Any, dtype: Any = None) -> jax.Array:
-    """``a`` as a default-device array of ``dtype``: one copy (``jnp.asarray`` of a NumPy array
-    stages a second, transient one: 3x the readout's size at its peak instead of 2x)."""
-    if isinstance(a, jax.Array) and (dtype is None or a.dtype == dtype):
-        return a
-    return jax.device_put(np.asarray(a, dtype))
 
 
 @flax.struct.dataclass
