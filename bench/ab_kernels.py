@@ -11,6 +11,12 @@ and minimum step seconds and its last loss (variants must agree up to float summ
     python bench/ab_kernels.py smollm2_b4096 --reps 8 \\
         MAX_UNROLLED_ENCODE_BLOCKS=0 MAX_UNROLLED_ENCODE_BLOCKS=64
 
+    python bench/ab_kernels.py qwen35_2b_b1024 --reps 5 \\
+        "LOOP_TRANSPOSE_BACKENDS=" LOOP_TRANSPOSE_ROWS=32
+
+Each variant holds its own state and copy of the data: at the Qwen shape three variants fit in
+24 GB of memory, four do not.
+
 A variant is comma-separated NAME=VALUE pairs; a value is an int, or a tuple of backend names
 separated by ``+`` (empty: none) for the ``*_BACKENDS`` constants.
 """

@@ -209,8 +209,25 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("W, d, rows", [(40, 7, 8), (41, 5, 12), (9, 3, 4), (10, 4, 6), (10, 4, 0)])
+@pytest.mark.parametrize("looped", [True, False])
+def test_transpose_materialized_is_the_exact_transpose(W, d, rows, looped, monkeypatch):
+    # blocks dividing W, a tail block, fewer than two blocks (plain .T), rows 0, other backends
+    monkeypatch.setattr(S, "LOOP_TRANSPOSE_BACKENDS", (jax.default_backend(),) if looped else ())
+    table = np.random.default_rng(W).standard_normal((W, d)).astype(np.float32)
+    got = jax.jit(lambda t: S.transpose_materialized(t, rows))(jnp.asarray(table))
+    assert got.shape == (d, W)
+    np.testing.assert_array_equal(np.asarray(got), table.T)
+    if looped and rows and W >= 2 * rows:  # the loop path really ran: a while loop in the program
+        text = jax.jit(lambda t: S.transpose_materialized(t, rows)).lower(jnp.asarray(table)).as_text()
+        assert "while" in text
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sparse_step_loss_and_gradients_equal_the_dense_step(case):
+def test_sparse_step_loss_and_gradients_equal_the_dense_step(case, monkeypatch):
+    # the encoder-kernel gradient through the looped transpose (40 latents: 3 blocks + a tail)
+    monkeypatch.setattr(S, "LOOP_TRANSPOSE_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(S, "LOOP_TRANSPOSE_ROWS", 12)
     fkw, tkw = CASES[case]
     ds, w = _data()
     fcfg = FactorizerConfig(**fkw)
