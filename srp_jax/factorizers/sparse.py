@@ -57,7 +57,7 @@ SORTED_SCATTER_BLOCK = 512
 #: backends where the encoder-kernel gradient is transposed into the kernel's layout by a loop
 #: over row blocks (:func:`transpose_materialized`): a plain ``.T`` is fused into every
 #: optimizer pass over the gradient, each then reading it column-wise (XLA:CPU: ~0.4 s per
-#: pass at d 2048 / D 32768, against ~0.1 s for the loop)
+#: pass at d 2048 / D 32768, against ~0.2 s for the whole loop)
 LOOP_TRANSPOSE_BACKENDS = ("cpu",)
 #: table rows per step of that loop
 LOOP_TRANSPOSE_ROWS = 32
