@@ -2,7 +2,7 @@
 
 Compiles (never runs) each config's train step with `srp_jax.train.plan.plan_training` on fake
 CPU devices and prints a markdown table of the per-device peak of training: the step's peak
-plus the sampler's resident data (its share of W_U and rows_normalized), which stays on the
+plus the sampler's resident data (its share of rows_normalized), which stays on the
 devices while the step runs:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python bench/plan_table.py

@@ -27,6 +27,7 @@ from srp_jax.config import FactorizerConfig, TrainingConfig
 from srp_jax.dictionary import Dictionary
 from srp_jax.metrics import reconstruct_rows
 from srp_jax.train.compiled import compile_training
+from srp_jax._hostmem import trim_host_heap
 from srp_jax.train.sampling import draw_rows
 from srp_jax.train.state import init_train_state
 from srp_jax.train.step import StepSpec, TrainData, make_optimizer
@@ -92,8 +93,9 @@ class SrpTrainer:
     """A ready-to-run srp-jax training step: ``spec`` (static; ``spec.strategy`` the resolved
     dense / sparse choice), ``data``, ``state``, ``fns`` (the compiled sampler and step).
 
-    ``step()`` draws the batch and runs one update, as the training loop does, and returns
-    only when it is done (metrics as floats).
+    ``step()`` draws the batch and runs one update, as the training loop does (which also
+    returns the compiler's freed heap to the OS after its first step), and returns only when
+    it is done (metrics as floats).
     """
 
     spec: StepSpec
@@ -101,11 +103,15 @@ class SrpTrainer:
     state: Any
     fns: Any
     strategy: str = DEFAULT_STRATEGY
+    _stepped: bool = dataclasses.field(default=False, repr=False)
 
     def step(self) -> dict[str, float]:
         batch = self.fns.sample(self.data, self.state.rng, self.state.step + 1)
         self.state, metrics = self.fns.step(self.state, batch)
         jax.block_until_ready((self.state, metrics))
+        if not self._stepped:  # as the training loop does after its first (compiling) step
+            trim_host_heap()
+            self._stepped = True
         return {"loss": float(metrics["loss"]), "reconstruction_loss": float(metrics["reconstruction_loss"]),
                 "prism_loss": float(metrics["prism_loss"])}
 

@@ -357,3 +357,23 @@ def test_sampler_is_pure_and_prism_off_means_no_prism_batch():
     from srp_jax.train.step import sample_batch_for
 
     assert sample_batch_for(spec_off, data, rng, 1).prism is None
+
+
+def test_train_data_keeps_only_the_prism_targets_raw_rows():
+    """The sampler's data holds the raw W_U rows of the distinct prism targets only, and a prism
+    batch's raw row, normalized row and norm are one and the same vocabulary row, bitwise."""
+    from srp_jax.train.sampling import sample_batch
+
+    ds = _dataset()
+    data = TrainData.from_dataset(ds, np.ones(ds.vocab_size) / ds.vocab_size, 3)
+    targets = np.asarray(ds.top_targets)[:, :3]
+    distinct = np.unique(targets)
+    assert data.target_rows.shape == (distinct.size, ds.d_model) and distinct.size < ds.W_U.shape[0]
+    np.testing.assert_array_equal(np.asarray(data.target_rows)[np.asarray(data.target_slots)], np.asarray(ds.W_U)[targets])
+    batch = sample_batch(data, jax.random.PRNGKey(11), 3, batch_size=4, prism_batch=64).prism
+    x, w, a = (np.asarray(v) for v in (batch.x, batch.w, batch.a))
+    normalized = np.asarray(ds.rows_normalized)
+    rows = [int(np.flatnonzero(np.all(normalized == xj, axis=1))[0]) for xj in x]
+    assert set(rows) <= set(distinct.tolist()) and len(set(rows)) > 1
+    np.testing.assert_array_equal(w, np.asarray(ds.W_U)[rows])
+    np.testing.assert_array_equal(a, np.asarray(ds.row_norms, np.float32)[rows])

@@ -8,10 +8,10 @@ donation, shardings once a mesh is in use) is :func:`srp_jax.compile.compile_ste
   ``model``; scalars replicated);
 * the batch: rows on ``data`` (the sampler's outputs carry these shardings, so the step never
   reshuffles them);
-* the sampler's data (:func:`place_train_data`): the readout's row arrays (W_U,
-  rows_normalized, row_norms, row_token_ids) split by rows over the whole mesh (zero-padded
-  to a multiple of the device count: padding rows are never drawn, since draws index only
-  real rows); the sampling logits, hidden states and targets (small) replicated.
+* the sampler's data (:func:`place_train_data`): the (V, ...) row arrays (rows_normalized,
+  row_norms) split by rows over the whole mesh (zero-padded to a multiple of the device
+  count: padding rows are never drawn, since draws index only real rows); the sampling
+  logits, hidden states, targets and the targets' raw rows (small) replicated.
 
 Every device computes only its slice of the global batch, which is a pure function of
 (seed, step): the draws, and so the results, do not depend on the mesh or the host count.
@@ -103,7 +103,7 @@ def compile_training(
 # --------------------------------------------------------------------------------------------
 # The sampler's data on a mesh
 
-_ROW_FIELDS = ("W_U", "rows_normalized", "row_norms", "row_token_ids")
+_ROW_FIELDS = ("rows_normalized", "row_norms")
 
 
 def padded_rows(n_rows: int, mesh: Mesh) -> int:
@@ -113,22 +113,20 @@ def padded_rows(n_rows: int, mesh: Mesh) -> int:
 
 
 def train_data_shardings(mesh: Mesh, data: Any) -> Any:
-    """Shardings of a (padded) :class:`TrainData`: the readout's row arrays split by rows over
+    """Shardings of a (padded) :class:`TrainData`: the (V, ...) row arrays split by rows over
     the whole mesh, every other leaf replicated."""
     rep = SH.replicated(mesh)
-    rows = NamedSharding(mesh, SH.rows_spec(np.shape(data.readout.W_U)[0], mesh))
-    out = jax.tree.map(lambda _: rep, data)
-    return out.replace(readout=out.readout.replace(**{name: rows for name in _ROW_FIELDS}))
+    rows = NamedSharding(mesh, SH.rows_spec(np.shape(data.rows_normalized)[0], mesh))
+    return jax.tree.map(lambda _: rep, data).replace(**{name: rows for name in _ROW_FIELDS})
 
 
 def _pad_rows(data: Any, mesh: Mesh, pad: Callable[[Any, int], Any]) -> Any:
-    ro = data.readout
-    Vp = padded_rows(np.shape(ro.W_U)[0], mesh)
-    return data.replace(readout=ro.replace(**{name: pad(getattr(ro, name), Vp) for name in _ROW_FIELDS}))
+    Vp = padded_rows(np.shape(data.rows_normalized)[0], mesh)
+    return data.replace(**{name: pad(getattr(data, name), Vp) for name in _ROW_FIELDS})
 
 
 def place_train_data(data: TrainData, mesh: Mesh | None) -> TrainData:
-    """``data`` on ``mesh`` (unchanged without one): the readout's row arrays zero-padded to
+    """``data`` on ``mesh`` (unchanged without one): the (V, ...) row arrays zero-padded to
     a multiple of the device count and split by rows; every host passes the same host data
     and keeps its slices (:func:`srp_jax.sharding.place`)."""
     if mesh is None:
@@ -194,7 +192,7 @@ def setup_training(
     def fresh(rows: Any) -> TrainState:
         return init_train_state(init_seed, fcfg, tcfg, spec.d_model, optimizer, rows, sample_weights)
 
-    rows = dataset.rows_normalized if mesh is None else data.readout.rows_normalized
+    rows = dataset.rows_normalized if mesh is None else data.rows_normalized
     abstract = jax.eval_shape(fresh, rows)
     fns = compile_training(spec, optimizer, mesh=mesh, state=abstract, data=data, approx_recall=approx_recall)
     if mesh is None:

@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import sharding as SH
 from .._atomic import write_text_atomic
+from .._hostmem import trim_host_heap
 from .._lazy import require_torch
 from .._validate import expand_path
 from .._version import __version__
@@ -225,6 +226,7 @@ def run_training(
                 if step == start + 1:  # the first step carries the compilation: time it apart
                     jax.block_until_ready(metrics["loss"])
                     progress.first_done(step)
+                    trim_host_heap()  # the compiler's freed memory back to the OS, not kept all run
                 pending.append((step, metrics["nonfinite"]))
                 if step == 1 or step % tcfg.log_every == 0 or step == steps:
                     check_finite()

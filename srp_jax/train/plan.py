@@ -29,7 +29,6 @@ import numpy as np
 
 from .. import sharding as SH
 from ..config import RunConfig
-from ..readout import Readout
 from .compiled import abstract_train_data, compile_training
 from .sampling import TrainData
 from .state import init_train_state
@@ -93,12 +92,11 @@ def abstract_inputs(cfg: RunConfig, d_model: int, vocab_rows: int, n_hidden: int
     def sds(shape, dtype=f32):
         return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype)
 
-    readout = Readout(
-        W_U=sds((vocab_rows, d_model)), row_mean=sds((d_model,)), row_norms=sds((vocab_rows,)),
-        rows_normalized=sds((vocab_rows, d_model)), row_token_ids=sds((vocab_rows,), jnp.int32),
-    )  # fmt: skip
+    n_targets = min(n_hidden * spec.prism_ranks, vocab_rows)  # distinct prism target rows, at most
     data = TrainData(
-        readout=readout, hidden=sds((n_hidden, d_model)), top_targets=sds((n_hidden, spec.prism_ranks), jnp.int32),
+        rows_normalized=sds((vocab_rows, d_model)), row_norms=sds((vocab_rows,)), row_mean=sds((d_model,)),
+        hidden=sds((n_hidden, d_model)), top_targets=sds((n_hidden, spec.prism_ranks), jnp.int32),
+        target_rows=sds((n_targets, d_model)), target_slots=sds((n_hidden, spec.prism_ranks), jnp.int32),
         sample_logits=sds((vocab_rows,)), row_cdf=sds((vocab_rows,), jnp.uint32),
     )  # fmt: skip
     return spec, data
@@ -129,7 +127,7 @@ def plan_training(
     def fresh(rows: Any):
         return init_train_state(cfg.init_seed, cfg.factorizer, cfg.training, d_model, optimizer, rows, None)
 
-    state = jax.eval_shape(fresh, host_data.readout.rows_normalized)
+    state = jax.eval_shape(fresh, host_data.rows_normalized)
     t0 = time.perf_counter()
     fns = compile_training(spec, optimizer, mesh=mesh, state=state, data=placed, approx_recall=cfg.mesh.approx_recall)
     state_in = SH.with_shardings(state, fns.state_shardings)

@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._arrays import to_device
+from .._arrays import to_device, to_numpy
 from ..compile import spread_rows
 from ..config import ROW_SAMPLERS
 from ..errors import ShapeError
-from ..readout import Readout
 
 CDF_BITS = 31  # thresholds live in [0, 2^31]: exact in uint32, one draw = 31 random bits
 CDF_SCALE = 1 << CDF_BITS
@@ -57,56 +56,58 @@ def cdf_thresholds(weights: Any) -> np.ndarray:
 
 @flax.struct.dataclass
 class TrainData:
-    """Device arrays the sampler reads: ``readout`` (the kept rows: W_U, rows_normalized,
-    row_mean, row_norms), ``hidden`` (N, d) train hidden states, ``top_targets`` (N, P) int32
-    row positions, ``sample_logits`` (V,) log sampling weights (the ``"categorical"``
+    """Device arrays the sampler reads, and only those: the readout's ``rows_normalized``
+    (V, d), ``row_norms`` (V,) and ``row_mean`` (d,); ``hidden`` (N, d) train hidden states;
+    ``top_targets`` (N, P) int32 row positions; ``target_rows`` (U, d) the raw W_U rows of the
+    U distinct rows ``top_targets`` names, with ``target_slots`` (N, P) int32 each target's
+    position among them; ``sample_logits`` (V,) log sampling weights (the ``"categorical"``
     sampler) and ``row_cdf`` (V,) uint32 cumulative thresholds (:func:`cdf_thresholds`, the
-    default ``"inverse_cdf"`` sampler), both computed once from the same weights."""
+    default ``"inverse_cdf"`` sampler), both computed once from the same weights.
 
-    readout: Readout
+    The step reads raw W_U rows only for the prism targets, so the full (V, d) W_U stays off
+    the device (at V 248320 x d 2048 that is 2 GB a run does not hold twice)."""
+
+    rows_normalized: jax.Array
+    row_norms: jax.Array
+    row_mean: jax.Array
     hidden: jax.Array
     top_targets: jax.Array
+    target_rows: jax.Array
+    target_slots: jax.Array
     sample_logits: jax.Array
     row_cdf: jax.Array
 
-    # the row arrays under their reference names
-    W_U = property(lambda self: self.readout.W_U)
-    rows_normalized = property(lambda self: self.readout.rows_normalized)
-    row_mean = property(lambda self: self.readout.row_mean)
-    row_norms = property(lambda self: self.readout.row_norms)
-
     @classmethod
     def from_dataset(cls, dataset: Any, sample_weights: Any, prism_ranks: int = 1, *, host: bool = False) -> TrainData:
-        """From a :class:`~srp_jax.data.PrismDataset` (or any object with its fields).
-        ``host``: keep NumPy arrays (to be placed on a mesh) instead of default-device arrays."""
+        """From a :class:`~srp_jax.data.PrismDataset` (its ``readout()``) or any object with the
+        reference's field names (``W_U``, ``rows_normalized``, ``row_mean``, ``row_norms``,
+        ``hidden_train``, ``top_targets``). ``host``: keep NumPy arrays (to be placed on a mesh)
+        instead of default-device arrays."""
         asarray = np.asarray if host else to_device
         targets = np.asarray(dataset.top_targets)
         targets = targets[:, : max(1, min(prism_ranks, targets.shape[1] if targets.ndim == 2 else 1))]
         w = np.asarray(sample_weights, np.float64)
         row_cdf = cdf_thresholds(w)
-        if callable(getattr(dataset, "readout", None)):
-            readout = dataset.readout()
-        else:  # any object with the reference's field names
-            readout = Readout(
-                W_U=dataset.W_U, row_mean=dataset.row_mean, row_norms=dataset.row_norms,
-                rows_normalized=dataset.rows_normalized,
-                row_token_ids=getattr(dataset, "row_token_ids", np.arange(np.shape(dataset.W_U)[0])),
-            )
-        # device-resident once (ids as int32), so no array crosses to the device per step
-        readout = readout.replace(
-            W_U=asarray(readout.W_U, jnp.float32),
-            row_mean=asarray(readout.row_mean, jnp.float32),
-            row_norms=asarray(readout.row_norms, jnp.float32),
-            rows_normalized=asarray(readout.rows_normalized, jnp.float32),
-            row_token_ids=asarray(np.asarray(readout.row_token_ids), jnp.int32),
-        )
+        ro = dataset.readout() if callable(getattr(dataset, "readout", None)) else dataset
+        distinct, slots = np.unique(targets, return_inverse=True)
         return cls(
-            readout=readout,
+            rows_normalized=asarray(ro.rows_normalized, jnp.float32),
+            row_norms=asarray(ro.row_norms, jnp.float32),
+            row_mean=asarray(ro.row_mean, jnp.float32),
             hidden=asarray(dataset.hidden_train, jnp.float32),
             top_targets=asarray(targets, jnp.int32),
+            target_rows=asarray(_take_rows(ro.W_U, distinct), jnp.float32),
+            target_slots=asarray(slots.reshape(targets.shape), jnp.int32),
             sample_logits=asarray(np.log(np.maximum(w, 1e-300)), jnp.float32),
             row_cdf=asarray(row_cdf),
         )
+
+
+def _take_rows(table: Any, rows: np.ndarray) -> np.ndarray:
+    """``table[rows]`` as NumPy, copying only those rows (``table`` NumPy or a jax array)."""
+    if isinstance(table, jax.Array):
+        return np.asarray(jnp.take(table, jnp.asarray(rows, jnp.int32), axis=0))
+    return np.asarray(to_numpy(table, name="W_U")[rows])
 
 
 @flax.struct.dataclass
@@ -174,8 +175,8 @@ def sample_prism_batch(key: jax.Array, data: TrainData, batch: int) -> PrismBatc
     h_idx = jax.random.randint(k_h, (batch,), 0, n_hidden)
     rank = jax.random.randint(k_r, (batch,), 0, n_ranks)
     tok = data.top_targets[h_idx, rank]
-    ro = data.readout
-    return PrismBatch(h=data.hidden[h_idx], x=ro.rows_normalized[tok], w=ro.W_U[tok], a=ro.row_norms[tok], row_mean=ro.row_mean)
+    w = data.target_rows[data.target_slots[h_idx, rank]]
+    return PrismBatch(h=data.hidden[h_idx], x=data.rows_normalized[tok], w=w, a=data.row_norms[tok], row_mean=data.row_mean)
 
 
 def sample_batch(
@@ -184,7 +185,7 @@ def sample_batch(
     """The batch of update ``step``: rows (drawn with ``row_sampler``), and a prism batch when
     ``prism_batch`` > 0."""
     k_rows, k_prism = jax.random.split(step_key(rng, step))
-    x = data.readout.rows_normalized[draw_rows(data, k_rows, batch_size, row_sampler)]
+    x = data.rows_normalized[draw_rows(data, k_rows, batch_size, row_sampler)]
     prism = sample_prism_batch(k_prism, data, prism_batch) if prism_batch > 0 else None
     return Batch(x=x, prism=prism)
 
