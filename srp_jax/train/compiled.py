@@ -8,10 +8,10 @@ donation, shardings once a mesh is in use) is :func:`srp_jax.compile.compile_ste
   ``model``; scalars replicated);
 * the batch: rows on ``data`` (the sampler's outputs carry these shardings, so the step never
   reshuffles them);
-* the sampler's data (:func:`place_train_data`): the (V, ...) row arrays (rows_normalized,
-  row_norms) split by rows over the whole mesh (zero-padded to a multiple of the device
-  count: padding rows are never drawn, since draws index only real rows); the sampling
-  logits, hidden states, targets and the targets' raw rows (small) replicated.
+* the sampler's data (:func:`place_train_data`): the row tables (rows_normalized,
+  row_norms, and target_rows, the prism targets' raw rows) split by rows over the whole mesh
+  (each zero-padded to a multiple of the device count: padding rows are never read, since
+  draws index only real rows); the sampling logits, hidden states and targets replicated.
 
 Every device computes only its slice of the global batch, which is a pure function of
 (seed, step): the draws, and so the results, do not depend on the mesh or the host count.
@@ -103,7 +103,8 @@ def compile_training(
 # --------------------------------------------------------------------------------------------
 # The sampler's data on a mesh
 
-_ROW_FIELDS = ("rows_normalized", "row_norms")
+#: the sampler's row tables, split by rows over the whole mesh (each padded to its own length)
+_ROW_FIELDS = ("rows_normalized", "row_norms", "target_rows")
 
 
 def padded_rows(n_rows: int, mesh: Mesh) -> int:
@@ -113,20 +114,21 @@ def padded_rows(n_rows: int, mesh: Mesh) -> int:
 
 
 def train_data_shardings(mesh: Mesh, data: Any) -> Any:
-    """Shardings of a (padded) :class:`TrainData`: the (V, ...) row arrays split by rows over
-    the whole mesh, every other leaf replicated."""
+    """Shardings of a (padded) :class:`TrainData`: the row tables (:data:`_ROW_FIELDS`) split
+    by rows over the whole mesh, every other leaf replicated."""
     rep = SH.replicated(mesh)
-    rows = NamedSharding(mesh, SH.rows_spec(np.shape(data.rows_normalized)[0], mesh))
-    return jax.tree.map(lambda _: rep, data).replace(**{name: rows for name in _ROW_FIELDS})
+    rows = {name: NamedSharding(mesh, SH.rows_spec(np.shape(getattr(data, name))[0], mesh)) for name in _ROW_FIELDS}
+    return jax.tree.map(lambda _: rep, data).replace(**rows)
 
 
 def _pad_rows(data: Any, mesh: Mesh, pad: Callable[[Any, int], Any]) -> Any:
-    Vp = padded_rows(np.shape(data.rows_normalized)[0], mesh)
-    return data.replace(**{name: pad(getattr(data, name), Vp) for name in _ROW_FIELDS})
+    return data.replace(**{
+        name: pad(getattr(data, name), padded_rows(np.shape(getattr(data, name))[0], mesh)) for name in _ROW_FIELDS
+    })  # fmt: skip
 
 
 def place_train_data(data: TrainData, mesh: Mesh | None) -> TrainData:
-    """``data`` on ``mesh`` (unchanged without one): the (V, ...) row arrays zero-padded to
+    """``data`` on ``mesh`` (unchanged without one): the row tables zero-padded to
     a multiple of the device count and split by rows; every host passes the same host data
     and keeps its slices (:func:`srp_jax.sharding.place`)."""
     if mesh is None:
