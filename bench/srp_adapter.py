@@ -198,10 +198,10 @@ def code_table_seconds(dictionary: Dictionary, readout: srp_jax.Readout) -> floa
     return time.perf_counter() - t0
 
 
-def reconstruct_all(dictionary: Dictionary, arrays: dict[str, Any], row_batch: int = 1024) -> jax.Array:
-    """Encode + decode every row (``srp_jax.metrics.reconstruct_rows``, blocks of ``row_batch``:
-    the sparse encode and the k-row decode for TopK); returns the normalized-row reconstruction
-    (V, d) once it is computed."""
+def reconstruct_all(dictionary: Dictionary, arrays: dict[str, Any], row_batch: int | None = None) -> jax.Array:
+    """Encode + decode every row (``srp_jax.metrics.reconstruct_rows``, blocks of ``row_batch``
+    rows, None: the library's choice for the backend; the sparse encode and the k-row decode
+    for TopK); returns the normalized-row reconstruction (V, d) once it is computed."""
     recon_x, recon_W, _, _ = reconstruct_rows(
         dictionary, arrays["rows_normalized"], arrays["row_mean"], arrays["row_norms"], dictionary.config.k,
         row_batch=row_batch,

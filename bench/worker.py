@@ -155,7 +155,8 @@ def _decompose_batched(spec: dict[str, Any], shape: common.Shape) -> dict[str, A
 
 
 def _recon(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:
-    impl, repeats, row_batch = spec["impl"], int(spec.get("repeats", 2)), int(spec.get("row_batch", 1024))
+    # row_batch: srp-jax's default is its own (per backend); the reference encodes in blocks of 1024
+    impl, repeats, row_batch = spec["impl"], int(spec.get("repeats", 2)), spec.get("row_batch")
     arrays = synthetic_arrays(shape, seed=0)
     n_rows = min(int(spec.get("rows") or shape.V), shape.V)  # a prefix of the vocabulary (quick mode)
     for key in ("rows_normalized", "row_norms", "W_U"):
@@ -167,7 +168,7 @@ def _recon(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:
         model = srp_adapter.make_dictionary(state, shape.k)
 
         def run():
-            return np.asarray(srp_adapter.reconstruct_all(model, arrays, row_batch))
+            return np.asarray(srp_adapter.reconstruct_all(model, arrays, None if row_batch is None else int(row_batch)))
     elif impl == "torch":
         import torch
 
@@ -178,7 +179,7 @@ def _recon(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:
         X, mu, A = (torch.from_numpy(arrays[key]) for key in ("rows_normalized", "row_mean", "row_norms"))
 
         def run():
-            return tr.reconstruct_rows(model, X, mu, A, shape.k, row_batch)[0].numpy()
+            return tr.reconstruct_rows(model, X, mu, A, shape.k, int(row_batch or 1024))[0].numpy()
     else:
         raise ValueError(f"unknown implementation {impl!r}")
     first_s, recon = common.timed(run)

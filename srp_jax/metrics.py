@@ -410,6 +410,19 @@ def _sparse_eval(cfg, k) -> bool:
     return F.sparse_code_available(cfg, k) and mesh_axis_size(DATA) * mesh_axis_size(MODEL) == 1
 
 
+def pass_rows(dictionary, row_batch: int | None, *arrays: Any) -> int:
+    """``row_batch``, or for None the chunk of a full-vocabulary pass: on one device
+    :func:`srp_jax.factorizers.sparse.default_pass_rows` (long chunks on CPU, where XLA then
+    overlaps one encoder block's top-k with the next block's matmul), and
+    :data:`~srp_jax.factorizers.sparse.PASS_ROWS` when the dictionary or ``arrays`` lie on a
+    device mesh (its dense encode's (rows, D) activations stay small)."""
+    if row_batch is not None:
+        return int(row_batch)
+    if any(is_spread(a) for a in (*jax.tree.leaves(dictionary.params), *arrays)):
+        return S.PASS_ROWS
+    return S.default_pass_rows(dictionary.d_features)
+
+
 def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
     """(traced) Encode/decode all rows X (V, d) in blocks: per-row recon (V, d), l0, res², x²,
     cosine, and usage (D,) int32. The TopK family (k < D) encodes through the sparse encode
@@ -453,9 +466,10 @@ def _reconstruct_jit(cfg, params, buffers, X, A, mu, k, row_batch):
 
 
 def reconstruct_rows(
-    dictionary, rows_normalized: Any, row_mean: Any, row_norms: Any, k: int | None = None, *, row_batch: int = 1024
+    dictionary, rows_normalized: Any, row_mean: Any, row_norms: Any, k: int | None = None, *, row_batch: int | None = None
 ) -> tuple[jax.Array, jax.Array, np.ndarray, np.ndarray]:
-    """Encode/decode every row in jitted blocks of ``row_batch`` rows (eval mode).
+    """Encode/decode every row in jitted blocks of ``row_batch`` rows (eval mode; None: the
+    backend's choice, :func:`srp_jax.factorizers.sparse.default_pass_rows`).
 
     Returns ``recon_x`` (V, d) in normalized space, ``recon_W = μ + a ⊙ recon_x`` (V, d) in raw
     space, ``usage`` (D,) float64 (rows on which each feature's code is > 0) and
@@ -472,7 +486,8 @@ def reconstruct_rows(
         raise ShapeError("rows_normalized has no rows")
     inference_view(dictionary)
     recon_x, recon_W, usage, l0 = _reconstruct_jit(
-        dictionary.config, dictionary.params, dictionary.buffers, x, a, mu, dictionary.config.resolve_k(k), row_batch
+        dictionary.config, dictionary.params, dictionary.buffers, x, a, mu, dictionary.config.resolve_k(k),
+        pass_rows(dictionary, row_batch, x),
     )
     return recon_x, recon_W, np.asarray(usage, dtype=np.float64), np.asarray(l0, dtype=np.int64)
 
@@ -492,15 +507,17 @@ def _usage_jit(cfg, params, buffers, X, k, row_batch):
     return _chunked_map(body, [X], X.shape[0], max(1, min(int(row_batch), X.shape[0])))[1]["usage"]
 
 
-def feature_usage(dictionary, rows_normalized: Any, k: int | None = None, *, row_batch: int = 2048) -> np.ndarray:
+def feature_usage(dictionary, rows_normalized: Any, k: int | None = None, *, row_batch: int | None = None) -> np.ndarray:
     """(D,) int64: on how many of the rows (V, d) each feature's eval code is > 0 (the usage
-    counts of :func:`reconstruct_rows`, without decoding)."""
+    counts of :func:`reconstruct_rows`, without decoding; ``row_batch`` as there)."""
     x = as_float_array(rows_normalized, name="rows_normalized", ndim=2)
     check_last_dim("rows_normalized", x, dictionary.d_model)
     if x.shape[0] == 0:
         return np.zeros(dictionary.d_features, np.int64)
     inference_view(dictionary)
-    usage = _usage_jit(dictionary.config, dictionary.params, dictionary.buffers, x, dictionary.config.resolve_k(k), row_batch)
+    usage = _usage_jit(
+        dictionary.config, dictionary.params, dictionary.buffers, x, dictionary.config.resolve_k(k), pass_rows(dictionary, row_batch, x)
+    )
     return np.asarray(usage, np.int64)
 
 
@@ -622,7 +639,7 @@ def evaluate(
     mode: str = "reference",
     softcap: float | None = None,
     thresholds: Mapping[str, Any] | None = None,
-    row_batch: int = 1024,
+    row_batch: int | None = None,
     hidden_batch: int = 128,
     per_item: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -645,7 +662,8 @@ def evaluate(
 
     Returns Python floats / ints / bools; NaN only where the reference gives NaN (then
     ``finite_metrics`` is False and ``selection_score`` is −1e9; ``metrics_to_jsonable`` maps
-    NaN to None). ``row_batch`` / ``hidden_batch`` set the jitted chunk sizes (memory only).
+    NaN to None). ``row_batch`` / ``hidden_batch`` set the jitted chunk sizes (``row_batch``
+    None: :func:`pass_rows`).
 
     ``per_item=True`` returns ``(metrics, items)``: the per-hidden-state values behind the
     means (``kl_bits``, ``top1_match``, and in full mode ``frontier_pass``; (n_hidden,)) and
@@ -698,7 +716,7 @@ def evaluate(
         _evaluate_core,
         dictionary.config, dictionary.params, dictionary.buffers, W, X, A, mu, H,
         jnp.float32(cap if cap is not None else 1.0),
-        k=int(k), row_batch=int(row_batch), hidden_batch=int(hidden_batch), overlap_k=overlap_k_cfg,
+        k=int(k), row_batch=pass_rows(dictionary, row_batch, X), hidden_batch=int(hidden_batch), overlap_k=overlap_k_cfg,
         top_c=contribution_top_k, use_cap=cap is not None, wide=wide, clamp=wide,
     )  # fmt: skip
     if wide:

@@ -172,3 +172,28 @@ def test_reconstruction_and_usage_through_the_sparse_path(readout):
     # k >= D: the dense path (every feature may be active)
     _, _, usage_all, _ = reconstruct_rows(dic, X, readout.row_mean, readout.row_norms, D)
     np.testing.assert_array_equal(usage_all, (_dense_code(dic, X, D) > 0).sum(0))
+
+
+def test_full_vocabulary_passes_default_to_the_backends_chunk(readout, monkeypatch):
+    """row_batch None: long chunks on CPU (CPU_PASS_ELEMENTS pre-activations, a power of two,
+    at least PASS_ROWS), PASS_ROWS elsewhere; the results equal an explicit small chunking."""
+    from srp_jax.factorizers import sparse as S
+    from srp_jax.metrics import pass_rows
+
+    assert S.default_pass_rows(9216) == 4096 and S.default_pass_rows(32768) == 2048
+    assert S.default_pass_rows(1 << 20) == S.PASS_ROWS == 1024 and S.default_pass_rows(D) == 1 << 20
+    dic = _dictionary()
+    assert pass_rows(dic, 37) == 37 and pass_rows(dic, None) == S.default_pass_rows(D)
+    X = np.asarray(readout.rows_normalized)
+    monkeypatch.setattr(S, "CPU_PASS_ELEMENTS", 64 * D)  # a 64-row chunk: several chunks, a ragged last
+    monkeypatch.setattr(S, "PASS_ROWS", 16)
+    assert pass_rows(dic, None) == 64
+    small = reconstruct_rows(dic, X, readout.row_mean, readout.row_norms, k, row_batch=17)
+    default = reconstruct_rows(dic, X, readout.row_mean, readout.row_norms, k)
+    for a, b in zip(small, default):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(feature_usage(dic, X, k), small[2])
+    np.testing.assert_array_equal(np.asarray(build_code_table(dic, readout, k).indices),
+                                  np.asarray(build_code_table(dic, readout, k, row_batch=17).indices))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert S.default_pass_rows(9216) == S.PASS_ROWS == 16

@@ -73,10 +73,11 @@ def _table_arrays(cfg, params, buffers, X, *, k, row_batch):
     return values.reshape(-1, kk)[:V], indices.reshape(-1, kk)[:V], n_active.reshape(-1)[:V]
 
 
-def build_code_table(model: Any, readout: Any, k: int | None = None, *, row_batch: int = 2048) -> CodeTable:
+def build_code_table(model: Any, readout: Any, k: int | None = None, *, row_batch: int | None = None) -> CodeTable:
     """Encode every row of ``readout`` (a :class:`~srp_jax.readout.Readout`, or any object with
     ``rows_normalized`` (V, d)) with ``model`` at ``k`` (None: the trained k) into a
-    :class:`CodeTable`. One jitted pass in blocks of ``row_batch`` rows (memory only)."""
+    :class:`CodeTable`. One jitted pass in blocks of ``row_batch`` rows (None:
+    :func:`srp_jax.factorizers.sparse.default_pass_rows`)."""
     cfg, params, buffers, d_model = inference_view(model)
     kk = cfg.resolve_k(static_k(k))
     if not F.sparse_code_available(cfg, kk):
@@ -88,7 +89,8 @@ def build_code_table(model: Any, readout: Any, k: int | None = None, *, row_batc
     check_last_dim("readout.rows_normalized", X, d_model)
     if X.shape[0] == 0:
         raise ShapeError("readout has no rows")
-    values, indices, n_active = _table_arrays(cfg, params, buffers, X, k=kk, row_batch=max(1, min(int(row_batch), X.shape[0])))
+    rows = S.default_pass_rows(cfg.d_features) if row_batch is None else int(row_batch)
+    values, indices, n_active = _table_arrays(cfg, params, buffers, X, k=kk, row_batch=max(1, min(rows, X.shape[0])))
     return CodeTable(values=values, indices=indices, n_active=n_active, k=kk, d_features=cfg.d_features)
 
 
@@ -128,7 +130,7 @@ def cached_code_table(model: Any, readout: Any, k: int | None = None) -> CodeTab
     return table
 
 
-def code_table(model: Any, readout: Any, k: int | None = None, *, row_batch: int = 2048) -> CodeTable:
+def code_table(model: Any, readout: Any, k: int | None = None, *, row_batch: int | None = None) -> CodeTable:
     """The :class:`CodeTable` of (``model``, ``readout``, ``k``), built on first use and then
     reused: cached by the identity of the dictionary, its encoder/decoder arrays and the
     readout's rows (new parameters, e.g. after more training, get a new table). Entries are

@@ -47,6 +47,13 @@ SLOT_UNROLL = 8
 #: working set (floats) of one block of the encoder forward + top-k on CPU: rows * D (a block
 #: of pre-activations stays in the last-level cache instead of a (B, D) array in fresh memory)
 CPU_ENCODE_ELEMENTS: int | None = 1 << 22
+#: pre-activations (rows * D) per chunk of a full-vocabulary pass on CPU (reconstruction,
+#: usage, the code table): a chunk writes out several encoder blocks, and XLA:CPU runs one
+#: block's single-threaded top-k beside the next block's matmul, so longer chunks idle the
+#: second core less (docs/performance.md); about 256 MB of pre-activations at most
+CPU_PASS_ELEMENTS = 1 << 26
+#: rows per chunk of a full-vocabulary pass elsewhere, and the least on CPU
+PASS_ROWS = 1024
 #: up to this many encoder-forward blocks are written out one by one (more: a loop over them)
 MAX_UNROLLED_ENCODE_BLOCKS = 64
 #: backends whose scatter-adds run grouped by table row (:func:`scatter_plan`): on CPU the
@@ -326,6 +333,16 @@ def combine_and_dot_rows(
     return _map_blocks(fn, [coef, indices, probe], ((table.shape[1],), (indices.shape[1],)), block)
 
 
+def default_pass_rows(width: int) -> int:
+    """Rows per chunk of a full-vocabulary pass over a dictionary of ``width`` (D) features:
+    :data:`CPU_PASS_ELEMENTS` pre-activations on CPU (a power of two, at least
+    :data:`PASS_ROWS`), :data:`PASS_ROWS` elsewhere."""
+    if jax.default_backend() != "cpu":
+        return PASS_ROWS
+    rows = max(1, CPU_PASS_ELEMENTS // max(1, int(width)))
+    return max(PASS_ROWS, 1 << (rows.bit_length() - 1))
+
+
 # --------------------------------------------------------------------------------------------
 # The TopK selection with its sparse gradient
 
@@ -553,6 +570,9 @@ def to_dense(code: SparseCode, width: int) -> jax.Array:
 __all__ = [
     "CPU_BLOCK_ELEMENTS",
     "CPU_ENCODE_ELEMENTS",
+    "CPU_PASS_ELEMENTS",
+    "PASS_ROWS",
+    "default_pass_rows",
     "MAX_UNROLLED_ENCODE_BLOCKS",
     "SORTED_SCATTER_BACKENDS",
     "SORTED_SCATTER_BLOCK",
