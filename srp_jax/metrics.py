@@ -808,6 +808,7 @@ __all__ = [
     "evaluate",
     "reconstruct_rows",
     "feature_usage",
+    "pass_rows",
     "row_centered_ev",
     "row_ev_parts",
     "row_ev_from_sums",
