@@ -1,10 +1,11 @@
 """Host memory hygiene: hand freed heap pages back to the operating system.
 
-XLA's compiler and a step's first executions allocate and free hundreds of MB on the host;
-glibc keeps freed pages in its arenas, so a training process would stay that much larger
-for its whole run (measured at d 2048 / D 32768: 8.3 GB resident during steps instead of
-7.2 GB). :func:`trim_host_heap` asks glibc to return them (``malloc_trim(0)``, which also
-releases free pages inside arenas); the training loop calls it once, after the first step.
+XLA's compiler and a step's first executions allocate and free memory on the host; glibc
+keeps freed pages in its arenas, so a training process would stay that much larger for its
+whole run (``bench/run.py``, smoke shape with prism: 0.45 GB resident during the steps
+before, 0.36 GB after). :func:`trim_host_heap` asks glibc to return them (``malloc_trim(0)``,
+which also releases free pages inside arenas); the training loop calls it once, after the
+first step.
 """
 
 from __future__ import annotations

@@ -410,17 +410,9 @@ def _sparse_eval(cfg, k) -> bool:
     return F.sparse_code_available(cfg, k) and mesh_axis_size(DATA) * mesh_axis_size(MODEL) == 1
 
 
-def pass_rows(dictionary, row_batch: int | None, *arrays: Any) -> int:
-    """``row_batch``, or for None the chunk of a full-vocabulary pass: on one device
-    :func:`srp_jax.factorizers.sparse.default_pass_rows` (long chunks on CPU, where XLA then
-    overlaps one encoder block's top-k with the next block's matmul), and
-    :data:`~srp_jax.factorizers.sparse.PASS_ROWS` when the dictionary or ``arrays`` lie on a
-    device mesh (its dense encode's (rows, D) activations stay small)."""
-    if row_batch is not None:
-        return int(row_batch)
-    if any(is_spread(a) for a in (*jax.tree.leaves(dictionary.params), *arrays)):
-        return S.PASS_ROWS
-    return S.default_pass_rows(dictionary.d_features)
+def _pass_rows(dictionary, row_batch: int | None, *arrays: Any) -> int:
+    """:func:`srp_jax.factorizers.sparse.pass_rows` for ``dictionary`` over ``arrays``."""
+    return S.pass_rows(row_batch, dictionary.d_features, *jax.tree.leaves(dictionary.params), *arrays)
 
 
 def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
@@ -469,7 +461,7 @@ def reconstruct_rows(
     dictionary, rows_normalized: Any, row_mean: Any, row_norms: Any, k: int | None = None, *, row_batch: int | None = None
 ) -> tuple[jax.Array, jax.Array, np.ndarray, np.ndarray]:
     """Encode/decode every row in jitted blocks of ``row_batch`` rows (eval mode; None: the
-    backend's choice, :func:`srp_jax.factorizers.sparse.default_pass_rows`).
+    backend's choice, :func:`srp_jax.factorizers.sparse.pass_rows`).
 
     Returns ``recon_x`` (V, d) in normalized space, ``recon_W = μ + a ⊙ recon_x`` (V, d) in raw
     space, ``usage`` (D,) float64 (rows on which each feature's code is > 0) and
@@ -487,7 +479,7 @@ def reconstruct_rows(
     inference_view(dictionary)
     recon_x, recon_W, usage, l0 = _reconstruct_jit(
         dictionary.config, dictionary.params, dictionary.buffers, x, a, mu, dictionary.config.resolve_k(k),
-        pass_rows(dictionary, row_batch, x),
+        _pass_rows(dictionary, row_batch, x),
     )
     return recon_x, recon_W, np.asarray(usage, dtype=np.float64), np.asarray(l0, dtype=np.int64)
 
@@ -516,7 +508,7 @@ def feature_usage(dictionary, rows_normalized: Any, k: int | None = None, *, row
         return np.zeros(dictionary.d_features, np.int64)
     inference_view(dictionary)
     usage = _usage_jit(
-        dictionary.config, dictionary.params, dictionary.buffers, x, dictionary.config.resolve_k(k), pass_rows(dictionary, row_batch, x)
+        dictionary.config, dictionary.params, dictionary.buffers, x, dictionary.config.resolve_k(k), _pass_rows(dictionary, row_batch, x)
     )
     return np.asarray(usage, np.int64)
 
@@ -663,7 +655,7 @@ def evaluate(
     Returns Python floats / ints / bools; NaN only where the reference gives NaN (then
     ``finite_metrics`` is False and ``selection_score`` is −1e9; ``metrics_to_jsonable`` maps
     NaN to None). ``row_batch`` / ``hidden_batch`` set the jitted chunk sizes (``row_batch``
-    None: :func:`pass_rows`).
+    None: :func:`srp_jax.factorizers.sparse.pass_rows`).
 
     ``per_item=True`` returns ``(metrics, items)``: the per-hidden-state values behind the
     means (``kl_bits``, ``top1_match``, and in full mode ``frontier_pass``; (n_hidden,)) and
@@ -716,7 +708,7 @@ def evaluate(
         _evaluate_core,
         dictionary.config, dictionary.params, dictionary.buffers, W, X, A, mu, H,
         jnp.float32(cap if cap is not None else 1.0),
-        k=int(k), row_batch=pass_rows(dictionary, row_batch, X), hidden_batch=int(hidden_batch), overlap_k=overlap_k_cfg,
+        k=int(k), row_batch=_pass_rows(dictionary, row_batch, X), hidden_batch=int(hidden_batch), overlap_k=overlap_k_cfg,
         top_c=contribution_top_k, use_cap=cap is not None, wide=wide, clamp=wide,
     )  # fmt: skip
     if wide:
@@ -808,7 +800,6 @@ __all__ = [
     "evaluate",
     "reconstruct_rows",
     "feature_usage",
-    "pass_rows",
     "row_centered_ev",
     "row_ev_parts",
     "row_ev_from_sums",

@@ -178,16 +178,15 @@ def test_full_vocabulary_passes_default_to_the_backends_chunk(readout, monkeypat
     """row_batch None: long chunks on CPU (CPU_PASS_ELEMENTS pre-activations, a power of two,
     at least PASS_ROWS), PASS_ROWS elsewhere; the results equal an explicit small chunking."""
     from srp_jax.factorizers import sparse as S
-    from srp_jax.metrics import pass_rows
-
     assert S.default_pass_rows(9216) == 4096 and S.default_pass_rows(32768) == 2048
     assert S.default_pass_rows(1 << 20) == S.PASS_ROWS == 1024 and S.default_pass_rows(D) == 1 << 20
     dic = _dictionary()
-    assert pass_rows(dic, 37) == 37 and pass_rows(dic, None) == S.default_pass_rows(D)
+    leaves = jax.tree.leaves(dic.params)
+    assert S.pass_rows(37, D, *leaves) == 37 and S.pass_rows(None, D, *leaves) == S.default_pass_rows(D)
     X = np.asarray(readout.rows_normalized)
     monkeypatch.setattr(S, "CPU_PASS_ELEMENTS", 64 * D)  # a 64-row chunk: several chunks, a ragged last
     monkeypatch.setattr(S, "PASS_ROWS", 16)
-    assert pass_rows(dic, None) == 64
+    assert S.pass_rows(None, D, *leaves) == 64
     small = reconstruct_rows(dic, X, readout.row_mean, readout.row_norms, k, row_batch=17)
     default = reconstruct_rows(dic, X, readout.row_mean, readout.row_norms, k)
     for a, b in zip(small, default):
@@ -195,5 +194,7 @@ def test_full_vocabulary_passes_default_to_the_backends_chunk(readout, monkeypat
     np.testing.assert_array_equal(feature_usage(dic, X, k), small[2])
     np.testing.assert_array_equal(np.asarray(build_code_table(dic, readout, k).indices),
                                   np.asarray(build_code_table(dic, readout, k, row_batch=17).indices))
+    monkeypatch.setattr(S, "is_spread", lambda a: a is leaves[0])  # as if on a mesh: the short chunk
+    assert S.pass_rows(None, D, *leaves) == 16
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert S.default_pass_rows(9216) == S.PASS_ROWS == 16

@@ -77,7 +77,7 @@ def build_code_table(model: Any, readout: Any, k: int | None = None, *, row_batc
     """Encode every row of ``readout`` (a :class:`~srp_jax.readout.Readout`, or any object with
     ``rows_normalized`` (V, d)) with ``model`` at ``k`` (None: the trained k) into a
     :class:`CodeTable`. One jitted pass in blocks of ``row_batch`` rows (None:
-    :func:`srp_jax.factorizers.sparse.default_pass_rows`)."""
+    :func:`srp_jax.factorizers.sparse.pass_rows`)."""
     cfg, params, buffers, d_model = inference_view(model)
     kk = cfg.resolve_k(static_k(k))
     if not F.sparse_code_available(cfg, kk):
@@ -89,7 +89,7 @@ def build_code_table(model: Any, readout: Any, k: int | None = None, *, row_batc
     check_last_dim("readout.rows_normalized", X, d_model)
     if X.shape[0] == 0:
         raise ShapeError("readout has no rows")
-    rows = S.default_pass_rows(cfg.d_features) if row_batch is None else int(row_batch)
+    rows = S.pass_rows(row_batch, cfg.d_features, *jax.tree.leaves(params), X)
     values, indices, n_active = _table_arrays(cfg, params, buffers, X, k=kk, row_batch=max(1, min(rows, X.shape[0])))
     return CodeTable(values=values, indices=indices, n_active=n_active, k=kk, d_features=cfg.d_features)
 

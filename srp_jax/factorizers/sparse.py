@@ -28,11 +28,12 @@ are sequential, so results are deterministic (bitwise resume).
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from .._arrays import is_spread
 from .kernels import HIGHEST, Params
 
 #: working set (floats) of one block of the gather / scatter-add loops on CPU: rows * k * d
@@ -92,8 +93,13 @@ def _rows_for(budget: int | None, batch: int, per_row: int) -> int:
     sizes are usually powers of two: no padded last block), at least 1, at most the batch."""
     if budget is None or jax.default_backend() != "cpu":
         return batch
+    return min(batch, _power_of_two_rows(budget, per_row))
+
+
+def _power_of_two_rows(budget: int, per_row: int) -> int:
+    """The largest power of two of rows whose ``per_row`` floats fit in ``budget`` (at least 1)."""
     rows = max(1, budget // max(1, per_row))
-    return min(batch, 1 << (rows.bit_length() - 1))
+    return 1 << (rows.bit_length() - 1)
 
 
 def default_block_rows(batch: int, k: int, d: int) -> int:
@@ -339,8 +345,19 @@ def default_pass_rows(width: int) -> int:
     :data:`PASS_ROWS`), :data:`PASS_ROWS` elsewhere."""
     if jax.default_backend() != "cpu":
         return PASS_ROWS
-    rows = max(1, CPU_PASS_ELEMENTS // max(1, int(width)))
-    return max(PASS_ROWS, 1 << (rows.bit_length() - 1))
+    return max(PASS_ROWS, _power_of_two_rows(CPU_PASS_ELEMENTS, width))
+
+
+def pass_rows(row_batch: int | None, width: int, *arrays: Any) -> int:
+    """The chunk of a full-vocabulary pass (reconstruction, usage, evaluation, the code table):
+    ``row_batch`` when given; else :data:`PASS_ROWS` when any of ``arrays`` (the dictionary's
+    parameters, the rows) lies on a device mesh (the dense encode there keeps its (rows, D)
+    activations small), and :func:`default_pass_rows` of ``width`` on one device."""
+    if row_batch is not None:
+        return int(row_batch)
+    if any(is_spread(a) for a in arrays):
+        return PASS_ROWS
+    return default_pass_rows(width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,6 +590,7 @@ __all__ = [
     "CPU_PASS_ELEMENTS",
     "PASS_ROWS",
     "default_pass_rows",
+    "pass_rows",
     "MAX_UNROLLED_ENCODE_BLOCKS",
     "SORTED_SCATTER_BACKENDS",
     "SORTED_SCATTER_BLOCK",
