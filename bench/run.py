@@ -87,6 +87,16 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def transparent_hugepages() -> str | None:
+    """The kernel's transparent-huge-page mode (``always`` / ``madvise`` / ``never``), or None."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    chosen = [word[1:-1] for word in text.split() if word.startswith("[") and word.endswith("]")]
+    return chosen[0] if chosen else None
+
+
 def machine_info() -> dict[str, Any]:
     mem = None
     try:
@@ -105,6 +115,8 @@ def machine_info() -> dict[str, Any]:
         "versions": {name: _version(dist) for name, dist in (
             ("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"), ("optax", "optax"), ("torch", "torch"),
             ("numpy", "numpy"), ("eai_sparsify", "eai-sparsify"), ("srp_jax", "srp-jax"))},
+        "transparent_hugepage": transparent_hugepages(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(dirty) if dirty is not None else None,
         "load_average_start": os.getloadavg(),
@@ -361,6 +373,12 @@ def _gb(x: int | None) -> str:
     return "n/a" if not x else f"{x / 1e9:.2f} GB"
 
 
+def _memory_line(m: dict[str, Any]) -> str:
+    if "transparent_hugepage" not in m:  # a report saved before these were recorded
+        return "memory environment not recorded"
+    return f"transparent huge pages {m['transparent_hugepage'] or 'n/a'}, GLIBC_TUNABLES {m['glibc_tunables'] or 'unset'}"
+
+
 def format_table(rep: dict[str, Any]) -> str:
     m = rep["machine"]
     lines = [
@@ -369,6 +387,7 @@ def format_table(rep: dict[str, Any]) -> str:
         f"git {str(m['git_commit'])[:10]}{'+dirty' if m['git_dirty'] else ''}",
         f"load average at start {m['load_average_start'][0]:.2f}, at end {m.get('load_average_end', [float('nan')])[0]:.2f}"
         " (other jobs on the machine skew both sides)",
+        _memory_line(m),
         "",
         f"dense f32 matmul peak: XLA {_fmt(rep['matmul']['srp'].get('gflops'), '.1f')} GFLOP/s, torch "
         f"{_fmt(rep['matmul']['torch'].get('gflops'), '.1f')} GFLOP/s -> peak {_fmt(rep['matmul']['peak_gflops'], '.1f')}",
@@ -434,7 +453,8 @@ def format_markdown(rep: dict[str, Any], command: str = "python bench/run.py --j
         f"Measured by `{command}` ({rep['mode']} mode, {rep['config'].get('rounds', '?')} interleaved rounds, "
         f"wall {rep['wall_s'] / 60:.0f} min) on {m['cpu_model']}, {m['cores']} cores; jax {v['jax']}, "
         f"torch {v['torch']}, eai-sparsify {v['eai_sparsify']}; srp-jax git {str(m['git_commit'])[:10]}"
-        f"{'+dirty' if m['git_dirty'] else ''}; load average {m['load_average_start'][0]:.1f} at start. "
+        f"{'+dirty' if m['git_dirty'] else ''}; load average {m['load_average_start'][0]:.1f} at start; "
+        f"{_memory_line(m)}. "
         f"Dense float32 matmul peak in the same run: {_fmt(rep['matmul']['peak_gflops'], '.0f')} GFLOP/s. "
         "Memory is the process's peak RSS over the timed steps / including the first call (srp-jax "
         "compiles there).",

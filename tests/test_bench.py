@@ -183,6 +183,9 @@ def test_run_smoke_end_to_end(tmp_path):
     assert rep["errors"] == [] and rep["mode"] == "smoke"
     m = rep["machine"]
     assert m["cores"] >= 1 and m["versions"]["jax"] and m["versions"]["torch"] and "git_commit" in m
+    # what decides the cost of fresh memory is recorded with the machine (bench/README.md)
+    assert m["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES")
+    assert m["transparent_hugepage"] in ("always", "madvise", "never", None)
     tiny = rep["train"]["tiny"]["prism"]
     for impl in ("srp", "torch"):
         assert tiny[impl]["step_s"] > 0 and tiny[impl]["peak_rss_bytes"] > 0 and tiny[impl]["finite"]
@@ -210,6 +213,7 @@ def test_run_smoke_end_to_end(tmp_path):
     assert f"{step_s:.3f} s" in row and f"{tiny['torch']['step_s']:.3f} s" in row
     assert f"**{rep['train']['tiny']['speedup_vs_torch']:.2f}×**" in row
     assert table.rstrip().endswith(f"(headline shape {rep['ratios']['headline_shape']})")
+    assert f"transparent huge pages {m['transparent_hugepage'] or 'n/a'}, GLIBC_TUNABLES " in table
 
 
 def test_ab_kernels_compiles_each_variant_and_they_agree():
