@@ -87,10 +87,14 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def transparent_hugepages() -> str | None:
-    """The kernel's transparent-huge-page mode (``always`` / ``madvise`` / ``never``), or None."""
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def transparent_hugepages(path: Path = THP_ENABLED) -> str | None:
+    """The kernel's transparent-huge-page mode (the bracketed word of ``path``, e.g.
+    ``always [madvise] never`` -> ``madvise``), or None where the file is absent."""
     try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        text = Path(path).read_text()
     except OSError:
         return None
     chosen = [word[1:-1] for word in text.split() if word.startswith("[") and word.endswith("]")]

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
     sys.path.insert(0, str(ROOT))
 
 from bench import common, srp_adapter  # noqa: E402
+from bench import run as run_bench  # noqa: E402
 from bench import torch_reference as tr  # noqa: E402
 
 SHAPE = common.Shape("test", d=8, D=32, k=4, V=48, batch=16, n_hidden=20)
@@ -185,7 +186,7 @@ def test_run_smoke_end_to_end(tmp_path):
     assert m["cores"] >= 1 and m["versions"]["jax"] and m["versions"]["torch"] and "git_commit" in m
     # what decides the cost of fresh memory is recorded with the machine (bench/README.md)
     assert m["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES")
-    assert m["transparent_hugepage"] in ("always", "madvise", "never", None)
+    assert (m["transparent_hugepage"] is None) == (not run_bench.THP_ENABLED.exists())
     tiny = rep["train"]["tiny"]["prism"]
     for impl in ("srp", "torch"):
         assert tiny[impl]["step_s"] > 0 and tiny[impl]["peak_rss_bytes"] > 0 and tiny[impl]["finite"]
@@ -214,6 +215,17 @@ def test_run_smoke_end_to_end(tmp_path):
     assert f"**{rep['train']['tiny']['speedup_vs_torch']:.2f}×**" in row
     assert table.rstrip().endswith(f"(headline shape {rep['ratios']['headline_shape']})")
     assert f"transparent huge pages {m['transparent_hugepage'] or 'n/a'}, GLIBC_TUNABLES " in table
+
+
+def test_transparent_hugepage_mode_is_the_bracketed_word(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert run_bench.transparent_hugepages(f) == "madvise"
+    f.write_text("[never] madvise always\n")
+    assert run_bench.transparent_hugepages(f) == "never"
+    f.write_text("always madvise never\n")
+    assert run_bench.transparent_hugepages(f) is None
+    assert run_bench.transparent_hugepages(tmp_path / "absent") is None
 
 
 def test_ab_kernels_compiles_each_variant_and_they_agree():
