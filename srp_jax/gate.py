@@ -20,12 +20,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import as_float_array
+from ._pytree import pytree_dataclass
 from .decompose import build_query_weights, decompose_query
 from .errors import ConfigError, ShapeError
 
@@ -85,7 +85,7 @@ def gate_rule(preset: str | GateRule = "accepted", **overrides: Any) -> GateRule
     return dataclasses.replace(rule, **overrides) if overrides else rule
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class GateResult:
     """Elementwise gate verdicts: ``passed`` bool, ``rho`` float, ``sign_match`` bool,
     ``reason`` int code into :data:`REASONS` (0 ok, 1 sign_flip, 2 residual_share,

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._arrays import as_float_array, as_index_array, check_last_dim, to_numpy
 from ._display import html_table, shape_text
+from ._pytree import pytree_dataclass, static_field
 from .compile import compiled
 from .errors import ConfigError, ShapeError
 
@@ -97,7 +97,7 @@ def resolve_row_mean(W: Any, token_mask: Any = None, ckpt: Any = None) -> jax.Ar
     return jnp.mean(W_a, axis=0)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Readout:
     """One model's readout rows, prepared once for every consumer (a registered pytree).
 
@@ -117,7 +117,7 @@ class Readout:
     row_norms: jax.Array
     rows_normalized: jax.Array
     row_token_ids: Any
-    softcap: float | None = flax.struct.field(pytree_node=False, default=None)
+    softcap: float | None = static_field(default=None)
 
     @property
     def vocab_size(self) -> int:

@@ -30,6 +30,21 @@ def test_import_never_imports_torch():
     assert r.returncode == 0 and "clean" in r.stdout, r.stderr
 
 
+def test_core_paths_never_import_flax():
+    """Training, decomposition, gating and checkpoints run without Flax in the process (it costs
+    ~6 MB resident and import time); only the ``flax.linen`` shells in ``srp_jax.modules`` use it."""
+    r = _python(
+        "import sys, srp_jax, srp_jax.train, srp_jax.train.loop, srp_jax.decompose, srp_jax.gate\n"
+        "import srp_jax.checkpoint, srp_jax.metrics, srp_jax.sharding, srp_jax.readout, srp_jax.labels\n"
+        "srp_jax.Readout, srp_jax.decompose_token_logit, srp_jax.decompose_tokens\n"
+        "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('flax'))\n"
+        "srp_jax.TopKSAE\n"
+        "assert 'flax.linen' in sys.modules\n"
+        "print('clean')"
+    )
+    assert r.returncode == 0 and "clean" in r.stdout, r.stderr
+
+
 def test_pt_without_torch_names_the_convert_extra():
     path = reference_dir("topk") / "checkpoint.pt"
     r = _python(

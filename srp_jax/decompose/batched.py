@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from .. import factorizers as F
 from .._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
 from .._display import fields_repr, html_table, shape_text
+from .._pytree import pytree_dataclass
 from ..compile import compiled
 from ..dictionary import inference_view
 from ..errors import ConfigError, ShapeError
@@ -30,7 +30,7 @@ from .codes import CodeTable, cached_code_table, sparse_codes_by_feature
 from .token import HIGHEST, dot, identity_terms, scalar_terms, token_terms
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class TokenDecompositions:
     """Decompositions of B (hidden state, token) pairs, fixed shapes (a pytree).
 

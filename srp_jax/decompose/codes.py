@@ -16,19 +16,19 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from .. import factorizers as F
 from .._arrays import as_float_array, check_last_dim, static_k
+from .._pytree import pytree_dataclass, static_field
 from ..compile import compiled
 from ..dictionary import inference_view
 from ..errors import ConfigError, ShapeError
 from ..factorizers import sparse as S
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class CodeTable:
     """The eval-mode codes of V readout rows: ``values`` (V, k) float32 and ``indices`` (V, k)
     int32, each row's nonzero entries ascending by feature index then padding (index -1,
@@ -39,8 +39,8 @@ class CodeTable:
     values: jax.Array
     indices: jax.Array
     n_active: jax.Array
-    k: int = flax.struct.field(pytree_node=False)
-    d_features: int = flax.struct.field(pytree_node=False)
+    k: int = static_field()
+    d_features: int = static_field()
 
     @property
     def n_rows(self) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from .. import factorizers as F
 from .._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
 from .._display import fields_repr, html_table, scalar_text, shape_text
+from .._pytree import pytree_dataclass
 from ..compile import compiled
 from ..config import FactorizerConfig
 from ..dictionary import inference_view
@@ -71,7 +71,7 @@ def query_terms(
 _query_terms_jit = compiled(query_terms, static_argnums=(0, 1))
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class QueryDecomposition:
     """A general query's decomposition (scalars as 0-d arrays; features ascending by id).
 
@@ -239,7 +239,7 @@ def decompose_query(
     )
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class QueryDecompositions:
     """B query decompositions with fixed shapes (the batched form of :class:`QueryDecomposition`).
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import as_float_array, as_index_array, check_last_dim, static_k, to_numpy
 from .._display import fields_repr, scalar_text, shape_text
+from .._pytree import pytree_dataclass
 from ..compile import compiled
 from ..dictionary import inference_view
 from ..errors import ShapeError
@@ -21,7 +21,7 @@ from .token import token_terms, vector_arg
 VOCAB_MEAN = -1  # a side of -1 means "the vocabulary mean row" (mu)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class MarginDecomposition:
     """Margin A - B decomposed row by row (each side the uniform mean of its rows' terms).
 

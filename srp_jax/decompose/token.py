@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from .. import factorizers as F
 from .._arrays import as_float_array, check_last_dim, static_k
 from .._display import fields_repr, html_table, scalar_text, shape_text
+from .._pytree import pytree_dataclass
 from ..compile import compiled
 from ..config import FactorizerConfig
 from ..dictionary import inference_view
@@ -35,7 +35,7 @@ def dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, precision=HIGHEST)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Decomposition:
     """One token-logit decomposition (the reference's fields; a pytree).
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._arrays import to_device, to_numpy
+from .._pytree import pytree_dataclass
 from ..compile import spread_rows
 from ..config import ROW_SAMPLERS
 from ..errors import ShapeError
@@ -54,7 +54,7 @@ def cdf_thresholds(weights: Any) -> np.ndarray:
     return thresholds.astype(np.uint32)
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class TrainData:
     """Device arrays the sampler reads, and only those: the readout's ``rows_normalized``
     (V, d), ``row_norms`` (V,) and ``row_mean`` (d,); ``hidden`` (N, d) train hidden states;
@@ -110,7 +110,7 @@ def _take_rows(table: Any, rows: np.ndarray) -> np.ndarray:
     return np.asarray(to_numpy(table, name="W_U")[rows])
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class PrismBatch:
     """The prism penalty's inputs for Bp (hidden state, target row) pairs: ``h`` (Bp, d),
     ``x`` (Bp, d) the targets' normalized rows, ``w`` (Bp, d) their raw rows, ``a`` (Bp,)
@@ -123,7 +123,7 @@ class PrismBatch:
     row_mean: jax.Array
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class Batch:
     """One step's inputs: ``x`` (B, d) normalized rows; ``prism`` a :class:`PrismBatch` or
     None (no prism term)."""

@@ -13,17 +13,17 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import factorizers as F
+from .._pytree import pytree_dataclass
 from ..compile import compiled
 from ..config import FactorizerConfig, TrainingConfig
 
 
-@flax.struct.dataclass
+@pytree_dataclass
 class TrainState:
     params: Any
     opt_state: Any
