@@ -415,17 +415,37 @@ def _pass_rows(dictionary, row_batch: int | None, *arrays: Any) -> int:
     return S.pass_rows(row_batch, dictionary.d_features, *jax.tree.leaves(dictionary.params), *arrays)
 
 
-def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
-    """(traced) Encode/decode all rows X (V, d) in blocks: per-row recon (V, d), l0, res², x²,
-    cosine, and usage (D,) int32. The TopK family (k < D) encodes through the sparse encode
-    and decodes its k active rows only (``factorizers.sparse``); other architectures, and any
-    architecture on a device mesh (whose encode takes the sharded top-k), densely."""
+def _encode_decode_blocks(cfg, params, buffers, x, k):
+    """(traced) The sparse code (rows, k) of x (rows, d) and its decode (rows, d), one encoder
+    block (:func:`~srp_jax.factorizers.sparse.default_encode_rows`) at a time, written out:
+    each block's single-threaded decode can then run beside the next block's matmul."""
+    rows = x.shape[0]
+    block = S.default_encode_rows(rows, cfg.d_features)
+    if block >= rows or rows % block:
+        code = F.sparse_code(cfg, params, buffers, x, k)
+        return code, S.decode_code(params, code)
+    codes, recons = [], []
+    for t in range(rows // block):
+        code = F.sparse_code(cfg, params, buffers, x[t * block : (t + 1) * block], k)
+        codes.append(code)
+        recons.append(S.decode_code(params, code))
+    code = S.SparseCode(*(jnp.concatenate(parts) for parts in zip(*codes)))
+    return code, jnp.concatenate(recons)
+
+
+def _reconstruct_all(cfg, params, buffers, X, A, mu, k, row_batch):
+    """(traced) Encode/decode all rows X (V, d) in blocks: per-row recon (V, d), its raw-space
+    rows ``recon_W = mu + A * recon`` (V, d) (norms A (V,), mean mu (d,): computed block by
+    block, beside the next block's encode), l0, res², x², cosine, and usage (D,) int32. The
+    TopK family (k < D) encodes through the sparse encode and decodes its k active rows only
+    (``factorizers.sparse``, encoder block by encoder block: :func:`_encode_decode_blocks`);
+    other architectures, and any architecture on a device mesh (whose encode takes the
+    sharded top-k), densely."""
     sparse = _sparse_eval(cfg, k)
 
-    def body(x, valid):
+    def body(x, a, valid):
         if sparse:
-            code = F.sparse_code(cfg, params, buffers, x, k)
-            recon = S.decode_code(params, code)
+            code, recon = _encode_decode_blocks(cfg, params, buffers, x, k)
             active_entries = (code.values > 0) & valid[:, None]
             l0 = jnp.sum(active_entries, axis=1, dtype=jnp.int32)
             usage = S.scatter_add_values(active_entries.astype(jnp.int32), code.indices, cfg.d_features)
@@ -438,6 +458,7 @@ def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
         res_sq, x_sq = row_ev_parts(x, recon)
         rows = {
             "recon": recon,
+            "recon_W": denormalize_rows(recon, mu, a),
             "l0": l0,
             "res_sq": res_sq,
             "x_sq": x_sq,
@@ -446,15 +467,14 @@ def _reconstruct_all(cfg, params, buffers, X, k, row_batch):
         return rows, {"usage": usage}
 
     V = X.shape[0]
-    rows, blocks = _chunked_map(body, [X], V, max(1, min(int(row_batch), V)))
+    rows, blocks = _chunked_map(body, [X, A], V, max(1, min(int(row_batch), V)))
     return rows, blocks["usage"]
 
 
 @compiled(static_argnames=("cfg", "k", "row_batch"))
 def _reconstruct_jit(cfg, params, buffers, X, A, mu, k, row_batch):
-    rows, usage = _reconstruct_all(cfg, params, buffers, X, k, row_batch)
-    recon_W = denormalize_rows(rows["recon"], mu, A)
-    return rows["recon"], recon_W, usage, rows["l0"]
+    rows, usage = _reconstruct_all(cfg, params, buffers, X, A, mu, k, row_batch)
+    return rows["recon"], rows["recon_W"], usage, rows["l0"]
 
 
 def reconstruct_rows(
@@ -545,9 +565,10 @@ def _evaluate_core(
     cfg, params, buffers, W, X, A, mu, H, cap, *, k, row_batch, hidden_batch, overlap_k, top_c, use_cap, wide, clamp
 ):
     """Everything array-heavy of ``evaluate`` as one jitted program (blocks via ``lax.map``)."""
-    rows, usage = _reconstruct_all(cfg, params, buffers, X, k, row_batch)
     norms = jnp.maximum(A, 1e-8) if clamp else A
-    recon_W = denormalize_rows(rows.pop("recon"), mu, norms)
+    rows, usage = _reconstruct_all(cfg, params, buffers, X, norms, mu, k, row_batch)
+    recon_W = rows.pop("recon_W")
+    del rows["recon"]
     N = H.shape[0]
     hb = max(1, min(int(hidden_batch), N))
     softcap = cap if use_cap else None

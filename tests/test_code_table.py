@@ -157,10 +157,18 @@ def test_sparse_truncation_and_misuse(readout):
         build_code_table(jr, readout)
 
 
-def test_reconstruction_and_usage_through_the_sparse_path(readout):
+@pytest.mark.parametrize("encode_rows,row_batch", [(None, 64), (16, 64), (16, 40)])
+def test_reconstruction_and_usage_through_the_sparse_path(readout, encode_rows, row_batch, monkeypatch, request):
+    """Equal to the dense code's decode whatever the encoder blocks: one block per chunk,
+    four (each encoded and decoded on its own), and a chunk the blocks do not divide."""
+    from srp_jax.factorizers import sparse as S
+    if encode_rows is not None:
+        monkeypatch.setattr(S, "CPU_ENCODE_ELEMENTS", encode_rows * D)
+        jax.clear_caches()  # the passes' jit cache is keyed by config, k and row_batch, not by this
+        request.addfinalizer(jax.clear_caches)  # nor may later tests reuse these programs
     dic = _dictionary()
     X = np.asarray(readout.rows_normalized)
-    recon_x, recon_W, usage, l0 = reconstruct_rows(dic, X, readout.row_mean, readout.row_norms, k, row_batch=64)
+    recon_x, recon_W, usage, l0 = reconstruct_rows(dic, X, readout.row_mean, readout.row_norms, k, row_batch=row_batch)
     code = _dense_code(dic, X)
     want = np.asarray(F.decode(dic.params, jnp.asarray(code)))
     np.testing.assert_allclose(recon_x, want, rtol=1e-5, atol=1e-7)

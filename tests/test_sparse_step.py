@@ -45,13 +45,15 @@ def _setup(D=48, d=12, B=37, seed=0):
 
 
 @pytest.mark.parametrize("block, unrolled", [(1, 64), (1, 0), (4, 64), (16, 0), (None, 64)])
-def test_kernels_match_dense_formulas_for_any_block(block, unrolled, monkeypatch):
+def test_kernels_match_dense_formulas_for_any_block(block, unrolled, monkeypatch, request):
     # budgets in floats: 1 row, 4 rows (k 5, d 12), 16 rows, one block; the encoder's blocks
     # written out one by one (unrolled 64) or looped over (0)
     monkeypatch.setattr(S, "CPU_BLOCK_ELEMENTS", None if block is None else block * 5 * 12)
     monkeypatch.setattr(S, "CPU_ENCODE_ELEMENTS", None if block is None else max(1, block // 2) * 48)
     monkeypatch.setattr(S, "MAX_UNROLLED_ENCODE_BLOCKS", unrolled)
     monkeypatch.setattr(S, "SLOT_UNROLL", 3)  # k 5 = 3 + 2: the decode's last slot step is padded
+    jax.clear_caches()  # traced custom-gradient bodies are cached by function and shapes, not by these
+    request.addfinalizer(jax.clear_caches)
     params, x = _setup()
     k, D = 5, 48
     code = S.topk_codes(params, x, k)
