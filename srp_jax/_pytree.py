@@ -9,6 +9,9 @@ leaves (traced under ``jit``, mapped by ``vmap``) except those declared with
 :func:`static_field`, which are part of the tree's structure (hashed into the compile cache).
 Instances get ``.replace(**changes)``. Flattening with key paths names each leaf by
 attribute, so checkpoints see the same paths as a ``flax.struct`` dataclass would give.
+Unlike ``flax.struct``, no ``flax.serialization`` handler is registered
+(``flax.serialization.to_state_dict`` returns the instance itself); srp-jax checkpoints go
+through Orbax and the key paths above.
 """
 
 from __future__ import annotations

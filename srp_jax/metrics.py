@@ -418,10 +418,12 @@ def _pass_rows(dictionary, row_batch: int | None, *arrays: Any) -> int:
 def _encode_decode_blocks(cfg, params, buffers, x, k):
     """(traced) The sparse code (rows, k) of x (rows, d) and its decode (rows, d), one encoder
     block (:func:`~srp_jax.factorizers.sparse.default_encode_rows`) at a time, written out:
-    each block's single-threaded decode can then run beside the next block's matmul."""
+    each block's single-threaded decode can then run beside the next block's matmul. One
+    encode and one decode of all rows when the blocks do not divide the rows or would be more
+    than :data:`~srp_jax.factorizers.sparse.MAX_UNROLLED_ENCODE_BLOCKS` (compile time)."""
     rows = x.shape[0]
     block = S.default_encode_rows(rows, cfg.d_features)
-    if block >= rows or rows % block:
+    if block >= rows or rows % block or rows // block > S.MAX_UNROLLED_ENCODE_BLOCKS:
         code = F.sparse_code(cfg, params, buffers, x, k)
         return code, S.decode_code(params, code)
     codes, recons = [], []
@@ -435,8 +437,9 @@ def _encode_decode_blocks(cfg, params, buffers, x, k):
 
 def _reconstruct_all(cfg, params, buffers, X, A, mu, k, row_batch):
     """(traced) Encode/decode all rows X (V, d) in blocks: per-row recon (V, d), its raw-space
-    rows ``recon_W = mu + A * recon`` (V, d) (norms A (V,), mean mu (d,): computed block by
-    block, beside the next block's encode), l0, res², x², cosine, and usage (D,) int32. The
+    rows ``recon_W = mu + A * recon`` (V, d) (norms A (V,), mean mu (d,): computed chunk by
+    chunk inside the loop, not as a separate pass over (V, d) after it), l0, res², x², cosine,
+    and usage (D,) int32. The
     TopK family (k < D) encodes through the sparse encode and decodes its k active rows only
     (``factorizers.sparse``, encoder block by encoder block: :func:`_encode_decode_blocks`);
     other architectures, and any architecture on a device mesh (whose encode takes the

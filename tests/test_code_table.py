@@ -157,13 +157,15 @@ def test_sparse_truncation_and_misuse(readout):
         build_code_table(jr, readout)
 
 
-@pytest.mark.parametrize("encode_rows,row_batch", [(None, 64), (16, 64), (16, 40)])
-def test_reconstruction_and_usage_through_the_sparse_path(readout, encode_rows, row_batch, monkeypatch, request):
+@pytest.mark.parametrize("encode_rows,row_batch,unrolled", [(None, 64, 64), (16, 64, 64), (16, 40, 64), (16, 64, 2)])
+def test_reconstruction_and_usage_through_the_sparse_path(readout, encode_rows, row_batch, unrolled, monkeypatch, request):
     """Equal to the dense code's decode whatever the encoder blocks: one block per chunk,
-    four (each encoded and decoded on its own), and a chunk the blocks do not divide."""
+    four (each encoded and decoded on its own), a chunk the blocks do not divide, and more
+    blocks than are written out (one encode and decode of the chunk)."""
     from srp_jax.factorizers import sparse as S
     if encode_rows is not None:
         monkeypatch.setattr(S, "CPU_ENCODE_ELEMENTS", encode_rows * D)
+        monkeypatch.setattr(S, "MAX_UNROLLED_ENCODE_BLOCKS", unrolled)
         jax.clear_caches()  # the passes' jit cache is keyed by config, k and row_batch, not by this
         request.addfinalizer(jax.clear_caches)  # nor may later tests reuse these programs
     dic = _dictionary()
