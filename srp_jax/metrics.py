@@ -439,11 +439,10 @@ def _reconstruct_all(cfg, params, buffers, X, A, mu, k, row_batch):
     """(traced) Encode/decode all rows X (V, d) in blocks: per-row recon (V, d), its raw-space
     rows ``recon_W = mu + A * recon`` (V, d) (norms A (V,), mean mu (d,): computed chunk by
     chunk inside the loop, not as a separate pass over (V, d) after it), l0, res², x², cosine,
-    and usage (D,) int32. The
-    TopK family (k < D) encodes through the sparse encode and decodes its k active rows only
-    (``factorizers.sparse``, encoder block by encoder block: :func:`_encode_decode_blocks`);
-    other architectures, and any architecture on a device mesh (whose encode takes the
-    sharded top-k), densely."""
+    and usage (D,) int32. The TopK family (k < D) encodes through the sparse encode and decodes
+    its k active rows only (``factorizers.sparse``, encoder block by encoder block:
+    :func:`_encode_decode_blocks`); other architectures, and any architecture on a device mesh
+    (whose encode takes the sharded top-k), densely."""
     sparse = _sparse_eval(cfg, k)
 
     def body(x, a, valid):
