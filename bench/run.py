@@ -49,13 +49,13 @@ HEADLINE_ORDER = ("smollm2_b4096", "smollm2_b1024", "qwen35_2b_b1024", "smoke", 
 MODES: dict[str, dict[str, Any]] = {
     "full": {
         "shapes": ["smoke", "smollm2_b1024", "smollm2_b4096", "qwen35_2b_b1024"],
-        "steps": {"smoke": 10, "smollm2_b1024": 3, "smollm2_b4096": 2, "qwen35_2b_b1024": 2},
+        "steps": {"smoke": 50, "smollm2_b1024": 3, "smollm2_b4096": 2, "qwen35_2b_b1024": 2},
         "rounds": 2, "queries": 300, "batched_queries": 4096, "recon_repeats": 2, "recon_rows": None,
         "matmul_n": 4096, "matmul_repeats": 3, "inference_shape": INFERENCE_SHAPE,
     },
     "quick": {
         "shapes": ["smoke", "smollm2_b1024"],
-        "steps": {"smoke": 5, "smollm2_b1024": 2},
+        "steps": {"smoke": 30, "smollm2_b1024": 2},
         "rounds": 2, "queries": 100, "batched_queries": 2048, "recon_repeats": 1, "recon_rows": 12288,
         "matmul_n": 4096, "matmul_repeats": 2, "inference_shape": INFERENCE_SHAPE,
     },

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from srp_jax import _native
 from srp_jax import factorizers as F
 from srp_jax.compile import resolve_step_strategy
 from srp_jax.config import FactorizerConfig, TrainingConfig
@@ -74,7 +75,8 @@ def test_kernels_match_dense_formulas_for_any_block(block, unrolled, monkeypatch
     np.testing.assert_allclose(stats.sum_sq, want.sum_sq, rtol=1e-6)
 
 
-def test_gradients_of_every_sparse_kernel_match_autodiff_of_the_dense_code():
+@pytest.mark.parametrize("kernel_path", ["native", "xla"], indirect=True)
+def test_gradients_of_every_sparse_kernel_match_autodiff_of_the_dense_code(kernel_path):
     params, x = _setup(B=29)
     k, D = 5, 48
     h = jax.random.normal(jax.random.PRNGKey(3), x.shape)
@@ -183,9 +185,12 @@ def test_sorted_scatter_equals_the_row_block_scatter(sorted_block, monkeypatch):
     row_blocks = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width, block=4)
     np.testing.assert_allclose(got, row_blocks, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, _scatter_by_hand(coef, rows, idx, width), rtol=1e-5, atol=1e-5)
-    plan = S.scatter_plan(jnp.asarray(idx), width)  # a given plan is used as is
+    plan = S.scatter_plan(jnp.asarray(idx), width)  # a given plan takes the XLA loop, as is
     again = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width, plan=plan)
-    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(S.scatter_add_rows(
+        jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width, plan=plan)))
+    # without a plan the native kernel may run (same order; XLA may fuse products into FMAs)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(got), rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,9 +230,26 @@ def test_transpose_materialized_is_the_exact_transpose(W, d, rows, looped, monke
         assert "while" in text
 
 
+@pytest.fixture
+def kernel_path(request, monkeypatch):
+    """Parametrized ``"native"`` (srp_jax._native's top-k and scatter-adds; skipped without a
+    C++ compiler) or ``"xla"`` (the XLA loops). JAX's jit cache does not key on the module
+    constant, so it is cleared around the switch."""
+    native = request.param == "native"
+    if native and not _native.load():
+        pytest.skip("the native kernels did not build here (no C++ compiler?)")
+    monkeypatch.setattr(S, "NATIVE_KERNEL_BACKENDS", (jax.default_backend(),) if native else ())
+    jax.clear_caches()
+    assert S.native_kernels() == native
+    yield request.param
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("kernel_path", ["native", "xla"], indirect=True)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sparse_step_loss_and_gradients_equal_the_dense_step(case, monkeypatch):
-    # the encoder-kernel gradient through the looped transpose (40 latents: 3 blocks + a tail)
+def test_sparse_step_loss_and_gradients_equal_the_dense_step(case, kernel_path, monkeypatch):
+    # XLA path: the encoder-kernel gradient through the looped transpose (40 latents: 3 blocks
+    # + a tail); native path: the scatter kernel writes it transposed
     monkeypatch.setattr(S, "LOOP_TRANSPOSE_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(S, "LOOP_TRANSPOSE_ROWS", 12)
     fkw, tkw = CASES[case]
@@ -261,7 +283,8 @@ def test_sparse_step_loss_and_gradients_equal_the_dense_step(case, monkeypatch):
         assert _rel(la, lb) < RTOL
 
 
-def test_compiled_sparse_steps_track_the_dense_run():
+@pytest.mark.parametrize("kernel_path", ["native", "xla"], indirect=True)
+def test_compiled_sparse_steps_track_the_dense_run(kernel_path):
     ds, w = _data()
     fcfg = FactorizerConfig("matryoshka_topk", 40, 4, k_values=(3, 8), matryoshka_weights=(1, 1))
     runs = {}

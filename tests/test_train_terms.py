@@ -193,6 +193,26 @@ def test_controller_update_hand_computed():
     assert not StepSpec.build(FactorizerConfig(architecture="topk", d_features=16, k=2), tcfg, 8, 0).controller_on
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.05, 1.0, 40.0])
+def test_global_norm_clip_equals_optax(scale):
+    # below the threshold (unchanged bits), at it, above it (to a rounding of optax's
+    # t / norm * max_norm), a zero gradient; the state is optax's (checkpoints keep one tree)
+    from srp_jax.train.step import clip_by_global_norm
+
+    rng = np.random.default_rng(3)
+    g = {"a": jnp.asarray(rng.standard_normal((7, 5)), jnp.float32), "b": jnp.asarray(rng.standard_normal(9), jnp.float32)}
+    g = jax.tree.map(lambda t: t * scale / float(optax.tree.norm(g)), g)
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert jax.tree.structure(ours.init(g)) == jax.tree.structure(theirs.init(g))
+    got, _ = jax.jit(ours.update)(g, ours.init(g))
+    want, _ = jax.jit(theirs.update)(g, theirs.init(g))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        if scale < 1.0:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-7, atol=0)
+    assert float(optax.tree.norm(got)) == pytest.approx(min(scale, 1.0), rel=1e-6)
+
+
 def test_adamw_with_clip_matches_hand_written_update():
     tcfg = TrainingConfig(lr=1e-2, weight_decay=0.1)
     opt = make_optimizer(tcfg)

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .. import _native
 from .._arrays import is_spread
 from .kernels import HIGHEST, Params
 
@@ -69,6 +70,16 @@ SORTED_SCATTER_BLOCK = 512
 LOOP_TRANSPOSE_BACKENDS = ("cpu",)
 #: table rows per step of that loop
 LOOP_TRANSPOSE_ROWS = 32
+#: backends whose top-k and grouped scatter-adds run as srp-jax's native kernels
+#: (:mod:`srp_jax._native`: the same results over XLA's thread pool, where XLA:CPU's own run on
+#: one thread) when they build on this machine; otherwise the XLA loops above
+NATIVE_KERNEL_BACKENDS = ("cpu",)
+
+
+def native_kernels() -> bool:
+    """(trace time) Whether this backend calls the native kernels: it is one of
+    :data:`NATIVE_KERNEL_BACKENDS` and :func:`srp_jax._native.load` succeeds."""
+    return jax.default_backend() in NATIVE_KERNEL_BACKENDS and _native.load()
 
 
 class SparseCode(NamedTuple):
@@ -252,8 +263,10 @@ def scatter_add_rows(
     """``out (width, d)`` with ``out[indices[b, s]] += coef[b, s] * rows[b]``: coef, indices
     (B, k), rows (B, d). The transpose of a gather; sequential, so deterministic.
 
-    On :data:`SORTED_SCATTER_BACKENDS` (CPU) the updates are applied grouped by table row
-    (:func:`scatter_plan`, computed here when not given; XLA merges identical plans of one
+    On :data:`SORTED_SCATTER_BACKENDS` (CPU) the updates are applied grouped by table row, in
+    ascending position within a row: by the native kernel (:func:`native_kernels`; threads
+    own table rows), or, with a given ``plan`` or without the kernel, by an XLA loop in
+    :func:`scatter_plan` order (computed here when not given; XLA merges identical plans of one
     index array), :data:`SORTED_SCATTER_BLOCK` entries per step: measured ~3x faster than the
     update order at d 576, D 9216, k 128, B 4096 (docs/performance.md). Elsewhere: over row
     blocks of (block, k, d) updates (one block on accelerators). The two agree up to float
@@ -261,6 +274,8 @@ def scatter_add_rows(
     B, k = indices.shape
     d = rows.shape[-1]
     if jax.default_backend() in SORTED_SCATTER_BACKENDS and block is None:
+        if plan is None and native_kernels():
+            return _native.scatter_rows(coef, rows, indices, width)
         plan = scatter_plan(indices, width) if plan is None else plan
         return _sorted_scatter_add(coef, rows, plan, width, SORTED_SCATTER_BLOCK)
     block = default_block_rows(B, k, d) if block is None else block
@@ -368,7 +383,7 @@ def _select_block(kernel, bias, x, mask, k):
     acts = jax.nn.relu(jnp.matmul(x, kernel, precision=HIGHEST) + bias)
     if mask is not None:
         acts = jnp.where(mask, acts, 0.0)
-    values, indices = jax.lax.top_k(acts, k)
+    values, indices = _native.topk(acts, k) if native_kernels() else jax.lax.top_k(acts, k)
     return values, indices.astype(jnp.int32)
 
 
@@ -400,9 +415,11 @@ def _topk_select_bwd(k, res, cotangents):
     # relu' is 1 exactly where the selected value is positive (masked entries are 0)
     g_pre = jnp.where(values > 0, g_values, 0.0)
     D = kernel.shape[1]
-    # gathered as (D, d) rows; put into the kernel's (d, D) layout once (not once per
-    # optimizer pass: see transpose_materialized)
-    g_kernel = transpose_materialized(scatter_add_rows(g_pre, x, indices, D))
+    if native_kernels():  # summed by table row, written straight into the kernel's (d, D) layout
+        g_kernel = _native.scatter_rows(g_pre, x, indices, D, transpose=True)
+    else:  # gathered as (D, d) rows; put into the kernel's (d, D) layout once (not once per
+        # optimizer pass: see transpose_materialized)
+        g_kernel = transpose_materialized(scatter_add_rows(g_pre, x, indices, D))
     g_bias = scatter_add_values(g_pre, indices, D)
     g_x = combine_rows(kernel.T, g_pre, indices)  # dropped by XLA when x needs no gradient
     return g_kernel, g_bias, g_x, None
@@ -594,6 +611,8 @@ __all__ = [
     "MAX_UNROLLED_ENCODE_BLOCKS",
     "SORTED_SCATTER_BACKENDS",
     "SORTED_SCATTER_BLOCK",
+    "NATIVE_KERNEL_BACKENDS",
+    "native_kernels",
     "SparseCode",
     "CodeStats",
     "default_block_rows",

@@ -1,0 +1,313 @@
+// srp-jax's native CPU kernels, called from XLA through its FFI (jax.ffi.ffi_call).
+//
+// XLA:CPU runs its top-k and scatter-add loops on one thread; these two kernels split the same
+// work over the intra-op thread pool XLA hands to FFI calls, and give the same results:
+//
+//   srp_topk         x (..., n) f32 -> values, indices (..., k): the k largest of each row
+//                    in the order jax.lax.top_k returns them (a total order on floats in which
+//                    -0.0 < +0.0 and NaN with the sign bit clear is largest; equal values ->
+//                    the lower index first). Bitwise equal to lax.top_k.
+//   srp_scatter_rows coef (B, k) f32, rows (B, d) f32, indices (B, k) s32
+//                    -> out (W, d) f32 (or (d, W) with transpose=true):
+//                    out[f] = sum over entries (b, s) with indices[b, s] == f, in ascending
+//                    b * k + s order, of coef[b, s] * rows[b]. Each table row is summed by one
+//                    thread in that fixed order, so results do not depend on the scheduling
+//                    (deterministic; the grouped XLA scatter loop's order, whose rounding can
+//                    still differ by an ulp where XLA fuses a product into an FMA). Every
+//                    output element is written once (no zero-fill pass), on transparent huge
+//                    pages where the kernel offers them (fresh memory faults in 2 MiB at a time).
+//
+// Built by srp_jax._native (g++ -O3 -ffp-contract=off: no fused multiply-adds, so the
+// arithmetic is plain IEEE products and sums, the same bits on every x86-64 clone).
+
+#include <algorithm>
+#include <climits>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Work sharing over XLA's thread pool
+
+struct Join {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::mutex mutex;
+  std::condition_variable finished;
+};
+
+// Runs fn(c) for every chunk c in [0, total), on the calling thread and on helpers scheduled
+// on the pool. Chunks are claimed from a shared counter, so the caller never waits for a helper
+// that has not started (a helper that starts after every chunk is claimed returns at once):
+// no deadlock when the pool's other threads are busy or blocked.
+template <typename Fn>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t total, const Fn& fn) {
+  if (total <= 0) return;
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  if (helpers <= 0) {
+    for (int64_t c = 0; c < total; ++c) fn(c);
+    return;
+  }
+  auto join = std::make_shared<Join>();
+  join->total = total;
+  auto work = [join, fn]() {
+    for (;;) {
+      const int64_t c = join->next.fetch_add(1);
+      if (c >= join->total) return;
+      fn(c);
+      if (join->done.fetch_add(1) + 1 == join->total) {
+        std::lock_guard<std::mutex> lock(join->mutex);
+        join->finished.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(join->mutex);
+  join->finished.wait(lock, [&] { return join->done.load() == join->total; });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Top-k
+
+// An unsigned key in XLA's total order on float32 (its CPU top-k compares the bits as int32,
+// negatives flipped): larger key = larger value.
+inline uint32_t order_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t s = (u & 0x80000000u) ? (0x7fffffffu - u) : u;
+  return s ^ 0x80000000u;
+}
+
+// (key descending, index ascending) as one ascending 64-bit word.
+inline uint64_t rank_word(uint32_t key, int64_t i) {
+  return (static_cast<uint64_t>(~key) << 32) | static_cast<uint64_t>(i);
+}
+
+// The k best entries of one row: one pass keeps the candidates above the k-th best key seen at
+// the last compaction; when the buffer fills, nth_element keeps the k best and raises the bar.
+void topk_row(const float* x, int64_t n, int64_t k, float* out_v, int32_t* out_i,
+              std::vector<uint64_t>& buffer) {
+  const int64_t cap = std::max<int64_t>(4 * k, 512);
+  buffer.resize(cap);
+  uint64_t* b = buffer.data();
+  int64_t m = 0;
+  uint32_t bar = 0;
+  bool full = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = order_key(x[i]);
+    // an entry equal to the bar comes later than the bar's own (higher index): it ranks below
+    if (!full || key > bar) {
+      b[m++] = rank_word(key, i);
+      if (m == cap) {
+        std::nth_element(b, b + (k - 1), b + m);
+        m = k;
+        bar = ~static_cast<uint32_t>(b[k - 1] >> 32);
+        full = true;
+      }
+    }
+  }
+  if (m > k) std::nth_element(b, b + (k - 1), b + m);
+  std::sort(b, b + k);
+  for (int64_t s = 0; s < k; ++s) {
+    const int32_t i = static_cast<int32_t>(b[s] & 0xffffffffu);
+    out_i[s] = i;
+    out_v[s] = x[i];
+  }
+}
+
+ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
+                ffi::ResultBuffer<ffi::S32> indices) {
+  const auto dims = x.dimensions();
+  const auto out_dims = values->dimensions();
+  if (dims.size() < 1 || out_dims.size() != dims.size()) {
+    return ffi::Error::InvalidArgument("srp_topk: values must have the input's rank (>= 1)");
+  }
+  const int64_t n = dims.back();
+  const int64_t k = out_dims.back();
+  if (k < 1 || k > n) {
+    return ffi::Error::InvalidArgument("srp_topk: k = " + std::to_string(k) + " must lie in [1, " +
+                                       std::to_string(n) + "]");
+  }
+  const int64_t rows = x.element_count() / n;
+  const float* xp = x.typed_data();
+  float* vp = values->typed_data();
+  int32_t* ip = indices->typed_data();
+  // chunks of about 64k inputs: enough to share, few enough to keep the counter cold
+  const int64_t per_chunk = std::max<int64_t>(1, (int64_t{1} << 16) / n);
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
+  parallel_chunks(pool, chunks, [=](int64_t c) {
+    thread_local std::vector<uint64_t> buffer;
+    const int64_t end = std::min(rows, (c + 1) * per_chunk);
+    for (int64_t r = c * per_chunk; r < end; ++r) {
+      topk_row(xp + r * n, n, k, vp + r * k, ip + r * k, buffer);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scatter-add of rows
+
+// Asks the kernel for transparent huge pages under a large output that is about to be written
+// in full. XLA hands each execution fresh memory, which the kernel otherwise zero-fills on first
+// touch one 4 KiB page at a time (most of the cost of writing a (D, d) table on a virtual
+// machine; see docs/performance.md). Advice only: ignored where THP is off or unsupported.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// acc[j] += c * r[j]: one IEEE product and one sum per element (no FMA), vectorised per clone.
+__attribute__((target_clones("avx2", "default"))) void add_scaled(float* __restrict acc,
+                                                                  const float* __restrict r,
+                                                                  float c, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) acc[j] += c * r[j];
+}
+
+// table rows per tile: 16 floats = one cache line per row of the transposed output
+constexpr int64_t kTile = 16;
+
+// dst[u] = src[u * stride] for u < n (n <= kTile): one tile row of the transposed output. A
+// full, 64-byte-aligned tile row is one cache line: written with streaming stores (no read of
+// the line it replaces: the transposed output is written once, column tile by column tile).
+inline void store_column_tile(float* dst, const float* src, int64_t stride, int64_t n) {
+#if defined(__SSE2__)
+  if (n == kTile && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    for (int64_t u = 0; u < kTile; u += 4) {
+      _mm_stream_ps(dst + u, _mm_setr_ps(src[u * stride], src[(u + 1) * stride], src[(u + 2) * stride],
+                                         src[(u + 3) * stride]));
+    }
+    return;
+  }
+#endif
+  for (int64_t u = 0; u < n; ++u) dst[u] = src[u * stride];
+}
+
+ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> rows,
+                       ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> out, bool transpose) {
+  const auto cdims = coef.dimensions();
+  const auto rdims = rows.dimensions();
+  const auto idims = indices.dimensions();
+  const auto odims = out->dimensions();
+  if (cdims.size() != 2 || rdims.size() != 2 || idims.size() != 2 || odims.size() != 2 ||
+      cdims[0] != idims[0] || cdims[1] != idims[1] || rdims[0] != cdims[0]) {
+    return ffi::Error::InvalidArgument(
+        "srp_scatter_rows: want coef (B, k), rows (B, d), indices (B, k) and a 2-d output");
+  }
+  const int64_t B = cdims[0], k = cdims[1], d = rdims[1];
+  const int64_t W = transpose ? odims[1] : odims[0];
+  if ((transpose ? odims[0] : odims[1]) != d) {
+    return ffi::Error::InvalidArgument("srp_scatter_rows: the output's row width is not rows' d");
+  }
+  const float* cp = coef.typed_data();
+  const float* rp = rows.typed_data();
+  const int32_t* ip = indices.typed_data();
+  float* op = out->typed_data();
+  const int64_t entries = B * k;
+  if (entries > INT32_MAX) {
+    return ffi::Error::InvalidArgument("srp_scatter_rows: more than 2^31 - 1 entries (B * k)");
+  }
+
+  // entries grouped by table row, ascending position within a row (a counting sort)
+  std::vector<int64_t> start(W + 1, 0);
+  for (int64_t e = 0; e < entries; ++e) {
+    const int32_t f = ip[e];
+    if (f < 0 || f >= W) {
+      return ffi::Error::InvalidArgument("srp_scatter_rows: index " + std::to_string(f) +
+                                         " out of range [0, " + std::to_string(W) + ")");
+    }
+    ++start[f + 1];
+  }
+  for (int64_t f = 0; f < W; ++f) start[f + 1] += start[f];
+  std::vector<int32_t> order(entries);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < entries; ++e) order[fill[ip[e]]++] = static_cast<int32_t>(e);
+  }
+  const int64_t* sp = start.data();
+  const int32_t* opd = order.data();
+  advise_huge_pages(op, sizeof(float) * static_cast<size_t>(W) * static_cast<size_t>(d));
+
+  // table rows in tiles (each tile summed into a local block, then written out once, rows or
+  // columns): every output element is written exactly once, no zero-fill pass
+  const int64_t tiles = (W + kTile - 1) / kTile;
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d));
+  const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  parallel_chunks(pool, chunks, [=](int64_t c) {
+    thread_local std::vector<float> block;
+    block.resize(kTile * d);
+    const int64_t t_end = std::min(tiles, (c + 1) * tiles_per_chunk);
+    for (int64_t t = c * tiles_per_chunk; t < t_end; ++t) {
+      const int64_t f0 = t * kTile;
+      const int64_t nf = std::min(kTile, W - f0);
+      float* acc = block.data();
+      std::fill(acc, acc + nf * d, 0.0f);
+      for (int64_t u = 0; u < nf; ++u) {
+        const int64_t f = f0 + u;
+        for (int64_t q = sp[f]; q < sp[f + 1]; ++q) {
+          const int32_t e = opd[q];
+          add_scaled(acc + u * d, rp + (e / k) * d, cp[e], d);
+        }
+      }
+      if (!transpose) {
+        std::memcpy(op + f0 * d, acc, sizeof(float) * nf * d);
+      } else {
+        for (int64_t j = 0; j < d; ++j) store_column_tile(op + j * W + f0, acc + j, d, nf);
+      }
+    }
+#if defined(__SSE2__)
+    _mm_sfence();  // the chunk's streaming stores are visible before it counts as done
+#endif
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SrpTopK, TopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SrpScatterRows, ScatterRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose"));
