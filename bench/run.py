@@ -383,6 +383,15 @@ def _memory_line(m: dict[str, Any]) -> str:
     return f"transparent huge pages {m['transparent_hugepage'] or 'n/a'}, GLIBC_TUNABLES {m['glibc_tunables'] or 'unset'}"
 
 
+def _native_line(rep: dict[str, Any]) -> str:
+    """Whether srp-jax's train steps ran its native CPU kernels (srp_jax._native), from the
+    workers' reports: on, off, mixed, or not recorded (older reports)."""
+    seen = {r["native_kernels"] for r in rep.get("raw", []) if isinstance(r, dict) and "native_kernels" in r}
+    if not seen:
+        return "srp-jax native CPU kernels not recorded"
+    return "srp-jax native CPU kernels " + ("on" if seen == {True} else "off" if seen == {False} else "mixed")
+
+
 def format_table(rep: dict[str, Any]) -> str:
     m = rep["machine"]
     lines = [
@@ -391,7 +400,7 @@ def format_table(rep: dict[str, Any]) -> str:
         f"git {str(m['git_commit'])[:10]}{'+dirty' if m['git_dirty'] else ''}",
         f"load average at start {m['load_average_start'][0]:.2f}, at end {m.get('load_average_end', [float('nan')])[0]:.2f}"
         " (other jobs on the machine skew both sides)",
-        _memory_line(m),
+        f"{_memory_line(m)}; {_native_line(rep)}",
         "",
         f"dense f32 matmul peak: XLA {_fmt(rep['matmul']['srp'].get('gflops'), '.1f')} GFLOP/s, torch "
         f"{_fmt(rep['matmul']['torch'].get('gflops'), '.1f')} GFLOP/s -> peak {_fmt(rep['matmul']['peak_gflops'], '.1f')}",
@@ -458,7 +467,7 @@ def format_markdown(rep: dict[str, Any], command: str = "python bench/run.py --j
         f"wall {rep['wall_s'] / 60:.0f} min) on {m['cpu_model']}, {m['cores']} cores; jax {v['jax']}, "
         f"torch {v['torch']}, eai-sparsify {v['eai_sparsify']}; srp-jax git {str(m['git_commit'])[:10]}"
         f"{'+dirty' if m['git_dirty'] else ''}; load average {m['load_average_start'][0]:.1f} at start; "
-        f"{_memory_line(m)}. "
+        f"{_memory_line(m)}; {_native_line(rep)}. "
         f"Dense float32 matmul peak in the same run: {_fmt(rep['matmul']['peak_gflops'], '.0f')} GFLOP/s. "
         "Memory is the process's peak RSS over the timed steps / including the first call (srp-jax "
         "compiles there).",

@@ -87,8 +87,15 @@ def _train(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:
         "peak_rss_bytes": max(x for x in (first_peak, peak_rss_bytes()) if x is not None) if first_peak else peak_rss_bytes(),
         "peak_reset": reset_ok and steady_reset,
         "finite": bool(np.all(np.isfinite(losses))),
-        **({"strategy": trainer.spec.strategy} if impl == "srp" else {}),
+        **({"strategy": trainer.spec.strategy, "native_kernels": _native_kernels()} if impl == "srp" else {}),
     }
+
+
+def _native_kernels() -> bool:
+    """Whether srp-jax's steps here called its native CPU kernels (srp_jax._native)."""
+    from srp_jax.factorizers import sparse as S
+
+    return bool(S.native_kernels())
 
 
 def _dictionary_state(shape: common.Shape) -> dict[str, np.ndarray]:
