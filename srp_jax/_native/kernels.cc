@@ -190,7 +190,13 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 // acc[j] += c * r[j]: one IEEE product and one sum per element (no FMA), vectorised per clone.
-__attribute__((target_clones("avx2", "default"))) void add_scaled(float* __restrict acc,
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SRP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SRP_VECTOR_CLONES
+#endif
+
+SRP_VECTOR_CLONES void add_scaled(float* __restrict acc,
                                                                   const float* __restrict r,
                                                                   float c, int64_t d) {
   for (int64_t j = 0; j < d; ++j) acc[j] += c * r[j];
