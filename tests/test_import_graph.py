@@ -142,7 +142,8 @@ reached from the CLI only)."""
                 todo.extend(graph[node])
         return False
 
-    allowed_under_config = {"srp_jax.errors", "srp_jax._validate", "srp_jax.compile", "srp_jax._arrays"}
+    allowed_under_config = {"srp_jax.errors", "srp_jax._validate", "srp_jax.compile", "srp_jax._arrays",
+                            "srp_jax._native", "srp_jax._cache"}
     below_config = {m for m in graph if reaches("srp_jax.config", m)} - {"srp_jax.config"}
     assert all(m in allowed_under_config or m.startswith("srp_jax.factorizers") for m in below_config), below_config
     assert not reaches("srp_jax.checkpoint", "srp_jax.dictionary")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _sparse_helpers import scatter_by_hand
 
 from srp_jax import _native
 
@@ -76,12 +77,6 @@ def test_topk_keeps_leading_axes_and_vmaps(native):
     _same_bits(vm[0], want[0])
 
 
-def _scatter_by_hand(coef, rows, idx, width):
-    out = np.zeros((width, rows.shape[1]), np.float64)
-    for b in range(idx.shape[0]):
-        for s in range(idx.shape[1]):
-            out[idx[b, s]] += float(coef[b, s]) * rows[b].astype(np.float64)
-    return out
 
 
 @needs_native
@@ -96,7 +91,7 @@ def test_scatter_rows_sums_by_table_row(native, B, k, d, width):
     fn = jax.jit(native.scatter_rows, static_argnums=(3,), static_argnames=("transpose",))
     got = fn(coef, rows, idx, width)
     assert got.shape == (width, d) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, _scatter_by_hand(coef, rows, idx, width), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, scatter_by_hand(coef, rows, idx, width), rtol=1e-5, atol=1e-5)
     untouched = np.setdiff1d(np.arange(width), idx)
     assert np.all(np.asarray(got)[untouched] == 0)
     _same_bits(fn(coef, rows, idx, width), got)  # deterministic

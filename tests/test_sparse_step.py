@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _sparse_helpers import scatter_by_hand
 
 from srp_jax import _native
 from srp_jax import factorizers as F
@@ -128,12 +129,6 @@ def test_scatter_and_gather_primitives_by_hand(slot_loop, monkeypatch):
         S.squared_errors(table, S.SparseCode(coef, idx), rows, (3,))
 
 
-def _scatter_by_hand(coef, rows, idx, width):
-    out = np.zeros((width, rows.shape[1]), np.float64)
-    for b in range(idx.shape[0]):
-        for s in range(idx.shape[1]):
-            out[idx[b, s]] += float(coef[b, s]) * rows[b].astype(np.float64)
-    return out
 
 
 def _distinct_indices(rng, B, k, width):
@@ -184,7 +179,7 @@ def test_sorted_scatter_equals_the_row_block_scatter(sorted_block, monkeypatch):
     got = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width)
     row_blocks = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width, block=4)
     np.testing.assert_allclose(got, row_blocks, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got, _scatter_by_hand(coef, rows, idx, width), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, scatter_by_hand(coef, rows, idx, width), rtol=1e-5, atol=1e-5)
     plan = S.scatter_plan(jnp.asarray(idx), width)  # a given plan takes the XLA loop, as is
     again = S.scatter_add_rows(jnp.asarray(coef), jnp.asarray(rows), jnp.asarray(idx), width, plan=plan)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(S.scatter_add_rows(

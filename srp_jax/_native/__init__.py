@@ -59,7 +59,7 @@ def library_path(cxx: str) -> Path:
     """Where the library built by ``cxx`` for this source and jaxlib lives."""
     import jaxlib
 
-    from ..sources import cache_root
+    from .._cache import cache_root
 
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), _compiler_version(cxx).encode(),
