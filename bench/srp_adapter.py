@@ -112,8 +112,9 @@ class SrpTrainer:
         if not self._stepped:  # as the training loop does after its first (compiling) step
             trim_host_heap()
             self._stepped = True
-        return {"loss": float(metrics["loss"]), "reconstruction_loss": float(metrics["reconstruction_loss"]),
-                "prism_loss": float(metrics["prism_loss"])}
+        names = ("loss", "reconstruction_loss", "prism_loss")
+        host = jax.device_get({name: metrics[name] for name in names})  # one transfer, as sparsify's one float()
+        return {name: float(host[name]) for name in names}
 
     @property
     def params(self) -> dict[str, Any]:

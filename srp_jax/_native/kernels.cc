@@ -110,7 +110,7 @@ inline uint64_t rank_word(uint32_t key, int64_t i) {
 // the last compaction; when the buffer fills, nth_element keeps the k best and raises the bar.
 void topk_row(const float* x, int64_t n, int64_t k, float* out_v, int32_t* out_i,
               std::vector<uint64_t>& buffer) {
-  const int64_t cap = std::max<int64_t>(4 * k, 512);
+  const int64_t cap = std::max<int64_t>(4 * k, 128);
   buffer.resize(cap);
   uint64_t* b = buffer.data();
   int64_t m = 0;
