@@ -21,6 +21,7 @@ import warnings
 
 NOISY_LOGGERS = ("absl", "orbax", "tensorstore")
 _NOISY_PATHS = ("/orbax/", "/tensorstore/", "/asyncio/", "/absl/")
+_LIBRARY_PATHS = ("/orbax/", "/tensorstore/")
 _installed = False
 
 
@@ -41,9 +42,8 @@ def _frames(tb) -> list[str]:
 
 def _library_callback(exc_type, exc_value, tb) -> bool:
     """An exception printed by ``sys.excepthook`` that began in a library frame: a callback a
-    library thread ran (the outermost frame is the library's, not srp-jax's or runpy's)."""
-    if exc_type is RuntimeError and "Event loop is closed" in str(exc_value):
-        return True
+    library thread ran (the outermost frame is the library's, not srp-jax's or runpy's).
+    No shortcut on the message: an error that reaches srp-jax's own frames is always printed."""
     frames = _frames(tb)
     return bool(frames) and any(p in frames[0] for p in _NOISY_PATHS)
 
@@ -101,9 +101,14 @@ def silence_library_noise() -> None:
 
 
 class _AsyncioLibraryFilter(logging.Filter):
+    """Drops an asyncio record whose exception passed through Orbax's or TensorStore's own
+    frames (asyncio's frames alone do not count: every task's traceback has them)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         info = record.exc_info
-        return not (isinstance(info, tuple) and info[0] is not None and _library_traceback(*info))
+        if not (isinstance(info, tuple) and info[0] is not None):
+            return True
+        return not any(p in f for f in _frames(info[2]) for p in _LIBRARY_PATHS)
 
 
 __all__ = ["silence_library_noise", "NOISY_LOGGERS"]

@@ -61,7 +61,7 @@ def max_diff(a, b) -> float:
 
 def meshes_for(i: int) -> list[tuple[int, int]]:
     """The meshes architecture number ``i`` is checked on: (4, 2) (both axes split) and one of
-    the others in turn, so every mesh meets every kind of architecture over the six."""
+    the others in turn, so each of those meets two of the six architectures."""
     others = [m for m in MESHES if m != (4, 2)]
     return [(4, 2), others[i % len(others)]]
 

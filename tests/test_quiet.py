@@ -79,3 +79,12 @@ def test_uncaught_error_of_own_code_still_printed():
     script = PRELUDE + "silence_library_noise()\ndef ours():\n    lib['callback']()\nours()\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "LIBRARY-ECHO" in done.stderr and "Traceback" in done.stderr, done.stderr
+
+
+def test_uncaught_event_loop_error_of_own_code_still_printed():
+    """The message Orbax's closed loops raise is not a pass: raised through srp-jax's own
+    frames, it keeps its traceback."""
+    script = PRELUDE + ("silence_library_noise()\n"
+                        "def ours():\n    raise RuntimeError('Event loop is closed')\nours()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Event loop is closed" in done.stderr and "Traceback" in done.stderr, done.stderr
