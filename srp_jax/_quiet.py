@@ -21,7 +21,6 @@ import warnings
 
 NOISY_LOGGERS = ("absl", "orbax", "tensorstore")
 _NOISY_PATHS = ("/orbax/", "/tensorstore/", "/asyncio/", "/absl/")
-_LIBRARY_PATHS = ("/orbax/", "/tensorstore/")
 _installed = False
 
 
@@ -101,14 +100,17 @@ def silence_library_noise() -> None:
 
 
 class _AsyncioLibraryFilter(logging.Filter):
-    """Drops an asyncio record whose exception passed through Orbax's or TensorStore's own
-    frames (asyncio's frames alone do not count: every task's traceback has them)."""
+    """Drops an asyncio record whose exception never passed through code outside asyncio, Orbax,
+    TensorStore and absl: a task Orbax made around a TensorStore future (``_wrap_awaitable``,
+    whose traceback holds asyncio's frames only). A task running srp-jax's (or anyone else's)
+    code has a frame of it, and its record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         info = record.exc_info
         if not (isinstance(info, tuple) and info[0] is not None):
             return True
-        return not any(p in f for f in _frames(info[2]) for p in _LIBRARY_PATHS)
+        frames = _frames(info[2])
+        return not (frames and all(any(p in f for p in _NOISY_PATHS) for f in frames))
 
 
 __all__ = ["silence_library_noise", "NOISY_LOGGERS"]

@@ -26,6 +26,11 @@ PRELUDE = textwrap.dedent(
     lib = compiled("/site-packages/tensorstore/_callbacks.py",
                    "def callback():\\n    raise ValueError('LIBRARY-ECHO')\\n"
                    "async def task():\\n    raise ValueError('LIBRARY-TASK')\\n")
+    # an awaitable whose frames are asyncio's only, as a TensorStore future (C code) wrapped
+    # into a task by asyncio.ensure_future (asyncio's _wrap_awaitable)
+    wrapped = compiled("/lib/python3/asyncio/_c_future.py",
+                       "class Future:\\n    def __await__(self):\\n        raise ValueError('WRAPPED-TASK')\\n"
+                       "        yield\\n")
     own = compiled("/work/srp_jax/own.py",
                    "def callback():\\n    raise ValueError('OWN-ERROR')\\n"
                    "async def task():\\n    raise ValueError('OWN-TASK')\\n")
@@ -41,7 +46,8 @@ PRELUDE = textwrap.dedent(
     def unretrieved(coro_fn):
         # a task whose exception nobody reads: asyncio logs it when the task is collected
         loop = asyncio.new_event_loop()
-        task = loop.create_task(coro_fn())
+        awaitable = coro_fn()
+        task = asyncio.ensure_future(awaitable, loop=loop)
         loop.run_until_complete(asyncio.sleep(0.01))
         del task
         gc.collect()
@@ -62,8 +68,10 @@ def _stderr(body: str, quiet: bool) -> str:
     [
         ("pyerr_print(lib['callback']); pyerr_print(own['callback'])", "LIBRARY-ECHO", "OWN-ERROR"),
         ("unretrieved(lib['task']); unretrieved(own['task'])", "LIBRARY-TASK", "OWN-TASK"),
+        ("unretrieved(wrapped['Future']); unretrieved(own['task'])", "WRAPPED-TASK", "OWN-TASK"),
     ],
-    ids=["PyErr_Print from a library callback", "asyncio: task exception never retrieved"],
+    ids=["PyErr_Print from a library callback", "asyncio: task exception never retrieved",
+         "asyncio: a wrapped library future's task"],
 )
 def test_library_echoes_dropped_own_errors_kept(body, library_marker, own_marker):
     loud = _stderr(body, quiet=False)
