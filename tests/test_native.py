@@ -77,8 +77,6 @@ def test_topk_keeps_leading_axes_and_vmaps(native):
     _same_bits(vm[0], want[0])
 
 
-
-
 @needs_native
 @pytest.mark.parametrize("B, k, d, width", [(23, 6, 7, 40), (64, 8, 33, 17), (5, 3, 1, 100), (50, 16, 130, 1000)])
 def test_scatter_rows_sums_by_table_row(native, B, k, d, width):

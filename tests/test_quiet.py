@@ -83,7 +83,7 @@ def test_library_echoes_dropped_own_errors_kept(body, library_marker, own_marker
 
 def test_uncaught_error_of_own_code_still_printed():
     """An uncaught exception of srp-jax's code, even one raised inside a library call, keeps
-    its traceback: its outermost frame is not a library's."""
+    its traceback: it has frames outside the libraries."""
     script = PRELUDE + "silence_library_noise()\ndef ours():\n    lib['callback']()\nours()\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "LIBRARY-ECHO" in done.stderr and "Traceback" in done.stderr, done.stderr
