@@ -49,13 +49,15 @@ HEADLINE_ORDER = ("smollm2_b4096", "smollm2_b1024", "qwen35_2b_b1024", "smoke", 
 MODES: dict[str, dict[str, Any]] = {
     "full": {
         "shapes": ["smoke", "smollm2_b1024", "smollm2_b4096", "qwen35_2b_b1024"],
-        "steps": {"smoke": 50, "smollm2_b1024": 3, "smollm2_b4096": 2, "qwen35_2b_b1024": 2},
+        "steps": {"smoke": 100, "smollm2_b1024": 3, "smollm2_b4096": 2, "qwen35_2b_b1024": 2},
+        "warmup": {"smoke": 20},
         "rounds": 2, "queries": 300, "batched_queries": 4096, "recon_repeats": 2, "recon_rows": None,
         "matmul_n": 4096, "matmul_repeats": 3, "inference_shape": INFERENCE_SHAPE,
     },
     "quick": {
         "shapes": ["smoke", "smollm2_b1024"],
-        "steps": {"smoke": 30, "smollm2_b1024": 2},
+        "steps": {"smoke": 60, "smollm2_b1024": 2},
+        "warmup": {"smoke": 20},
         "rounds": 2, "queries": 100, "batched_queries": 2048, "recon_repeats": 1, "recon_rows": 12288,
         "matmul_n": 4096, "matmul_repeats": 2, "inference_shape": INFERENCE_SHAPE,
     },
@@ -252,6 +254,7 @@ def run_benchmark(mode: str, shapes: list[str], rounds: int, strategy: str, spar
         "shapes": {name: SHAPES[name].to_dict() for name in shapes}, "rounds": rounds, "strategy": strategy,
         "lr": common.LR, "weight_decay": common.WEIGHT_DECAY, "lambda_prism": common.LAMBDA_PRISM,
         "code_l2": common.CODE_L2, "sparsify_optimizer": sparsify_optimizer, "steps": cfg["steps"],
+        "warmup_steps": cfg.get("warmup", {}),
         "queries": cfg["queries"], "batched_queries": cfg["batched_queries"], "matmul_n": cfg["matmul_n"],
         "recon_rows": cfg["recon_rows"] or SHAPES[cfg["inference_shape"]].V,
         "inference_shape": cfg["inference_shape"],
@@ -277,7 +280,7 @@ def run_benchmark(mode: str, shapes: list[str], rounds: int, strategy: str, spar
     for name in shapes:
         shape = SHAPES[name]
         steps = cfg["steps"].get(name, 2)
-        base = {"task": "train", "shape": name, "steps": steps}
+        base = {"task": "train", "shape": name, "steps": steps, "warmup": cfg.get("warmup", {}).get(name, 0)}
         res = interleaved(runner, {"srp": {**base, "impl": "srp", "prism": True, "strategy": strategy},
                                    "torch": {**base, "impl": "torch", "prism": True}}, rounds, f"train {name} prism")
         entry = {"prism": {impl: summarize_train(r) for impl, r in res.items()}}

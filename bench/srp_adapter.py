@@ -106,15 +106,16 @@ class SrpTrainer:
     _stepped: bool = dataclasses.field(default=False, repr=False)
 
     def step(self) -> dict[str, float]:
-        batch = self.fns.sample(self.data, self.state.rng, self.state.step + 1)
+        # the update number as a host int, as the training loop passes it (the state is ready:
+        # the previous call waited for it, so reading its step costs no wait)
+        batch = self.fns.sample(self.data, self.state.rng, int(np.asarray(self.state.step)) + 1)
         self.state, metrics = self.fns.step(self.state, batch)
         jax.block_until_ready((self.state, metrics))
         if not self._stepped:  # as the training loop does after its first (compiling) step
             trim_host_heap()
             self._stepped = True
-        names = ("loss", "reconstruction_loss", "prism_loss")
-        host = jax.device_get({name: metrics[name] for name in names})  # one transfer, as sparsify's one float()
-        return {name: float(host[name]) for name in names}
+        # each metric read as a NumPy view of the host buffer (jax.device_get costs ~0.1 ms more)
+        return {name: float(np.asarray(metrics[name])) for name in ("loss", "reconstruction_loss", "prism_loss")}
 
     @property
     def params(self) -> dict[str, Any]:

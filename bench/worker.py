@@ -71,6 +71,11 @@ def _train(spec: dict[str, Any], shape: common.Shape) -> dict[str, Any]:
     reset_ok = reset_peak_rss()
     rss_setup = rss_bytes()
     first_s, first = common.timed(trainer.step)
+    # untimed warm-up steps, the same count for every implementation (spec "warmup"): where a
+    # step takes milliseconds its first few after the first call still run slow (allocator,
+    # thread pools and caches settling) and would weigh on a short median
+    for _ in range(int(spec.get("warmup", 0))):
+        trainer.step()
     first_peak = peak_rss_bytes()
     # the steady state: the peak over the timed steps only (the first call compiles, and XLA's
     # first executions allocate transient buffers a training run sees once)

@@ -67,6 +67,40 @@ def test_topk_is_bitwise_lax_top_k(native, kind):
 
 
 @needs_native
+@pytest.mark.parametrize("n, k", [(1024, 32), (1024, 1), (1024, 64), (1024, 65), (9216, 128), (300, 70), (40, 16)])
+@pytest.mark.parametrize("kind", ["gaussian", "sparse_relu", "few_positive", "constant", "ties", "rising", "nan_rows"])
+def test_topk_group_floor_paths_bitwise(native, n, k, kind):
+    # the group-maxima floor (2k strided groups when n >= 4k), its counting (<= 128 groups) and
+    # nth_element (> 128) selections, a candidate pass that overflows its buffer (rows of one
+    # value, many ties, fewer than k positive entries, an ascending row whose every entry beats
+    # the last compaction) and the rank-placed (<= 64 candidates) and sorted finishes
+    rng = np.random.default_rng(n * 1000 + k)
+    B = 9
+    if kind == "gaussian":
+        x = rng.standard_normal((B, n))
+    elif kind == "sparse_relu":  # mostly zeros, as a masked (AuxK) pre-activation
+        x = np.maximum(rng.standard_normal((B, n)) - 2.0, 0.0)
+    elif kind == "few_positive":
+        x = np.zeros((B, n))
+        x[:, rng.integers(0, n, max(1, k // 3))] = rng.random(max(1, k // 3)) + 0.5
+    elif kind == "constant":
+        x = np.full((B, n), rng.choice([0.0, -0.0, 1.5]))
+    elif kind == "ties":
+        x = rng.integers(0, 3, (B, n))
+    elif kind == "rising":
+        x = np.tile(np.arange(n, dtype=np.float64), (B, 1))
+    else:
+        x = rng.standard_normal((B, n))
+        x[:, rng.integers(0, n, 5)] = np.nan
+        x[0] = -np.nan
+    x = x.astype(np.float32)
+    want = jax.jit(lambda a: jax.lax.top_k(a, k))(x)
+    got = jax.jit(lambda a: native.topk(a, k))(x)
+    _same_bits(got[0], want[0])
+    _same_bits(got[1], want[1])
+
+
+@needs_native
 def test_topk_keeps_leading_axes_and_vmaps(native):
     x = np.random.default_rng(4).standard_normal((3, 5, 40)).astype(np.float32)
     got = native.topk(jnp.asarray(x), 6)

@@ -26,6 +26,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -39,6 +40,13 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+
+// Loops compiled twice, for AVX2 and the baseline, picked at load time (x86-64 only).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SRP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SRP_VECTOR_CLONES
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -92,49 +100,154 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t total, const Fn& fn) {
 // ---------------------------------------------------------------------------------------------
 // Top-k
 
-// An unsigned key in XLA's total order on float32 (its CPU top-k compares the bits as int32,
-// negatives flipped): larger key = larger value.
-inline uint32_t order_key(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t s = (u & 0x80000000u) ? (0x7fffffffu - u) : u;
-  return s ^ 0x80000000u;
+// A signed key in XLA's total order on float32 (its CPU top-k compares the bits as int32,
+// negatives' magnitude bits flipped): larger key = larger value.
+inline int32_t order_key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
+
+// (key descending, index ascending) as one ascending 64-bit word, and the key back from it.
+inline uint64_t rank_word(int32_t key, int64_t i) {
+  const uint32_t biased = static_cast<uint32_t>(key) ^ 0x80000000u;
+  return (static_cast<uint64_t>(~biased) << 32) | static_cast<uint64_t>(i);
+}
+inline int32_t word_key(uint64_t w) {
+  return static_cast<int32_t>(~static_cast<uint32_t>(w >> 32) ^ 0x80000000u);
 }
 
-// (key descending, index ascending) as one ascending 64-bit word.
-inline uint64_t rank_word(uint32_t key, int64_t i) {
-  return (static_cast<uint64_t>(~key) << 32) | static_cast<uint64_t>(i);
-}
+// Per-thread scratch of the top-k.
+struct TopKScratch {
+  std::vector<int32_t> keys, maxima, counts;
+  std::vector<uint64_t> words;
+};
 
-// The k best entries of one row: one pass keeps the candidates above the k-th best key seen at
-// the last compaction; when the buffer fills, nth_element keeps the k best and raises the bar.
-void topk_row(const float* x, int64_t n, int64_t k, float* out_v, int32_t* out_i,
-              std::vector<uint64_t>& buffer) {
-  const int64_t cap = std::max<int64_t>(4 * k, 128);
-  buffer.resize(cap);
-  uint64_t* b = buffer.data();
-  int64_t m = 0;
-  uint32_t bar = 0;
-  bool full = false;
+// keys[i] = order_key(x[i]); maxima[g] = the largest key among x[g], x[g + G], x[g + 2G], ...
+// (G strided groups: every pass is a plain elementwise loop, vectorised per clone).
+SRP_VECTOR_CLONES void keys_and_group_maxima(const float* __restrict x, int64_t n, int32_t* __restrict keys,
+                                             int32_t* __restrict maxima, int64_t G) {
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t key = order_key(x[i]);
-    // an entry equal to the bar comes later than the bar's own (higher index): it ranks below
-    if (!full || key > bar) {
-      b[m++] = rank_word(key, i);
-      if (m == cap) {
-        std::nth_element(b, b + (k - 1), b + m);
-        m = k;
-        bar = ~static_cast<uint32_t>(b[k - 1] >> 32);
-        full = true;
-      }
+    int32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    keys[i] = order_key(bits);
+  }
+  for (int64_t g = 0; g < G; ++g) maxima[g] = keys[g];
+  int64_t t = G;
+  for (; t + G <= n; t += G) {
+    const int32_t* row = keys + t;
+    for (int64_t g = 0; g < G; ++g) maxima[g] = std::max(maxima[g], row[g]);
+  }
+  for (int64_t g = 0; t + g < n; ++g) maxima[g] = std::max(maxima[g], keys[t + g]);
+}
+
+// The k-th largest of m values by counting, for small m: counts[a] = #{j : v[j] >= v[a]};
+// the answer is the largest v[a] with counts[a] >= k (branch-free, vectorised per clone).
+SRP_VECTOR_CLONES int32_t kth_largest_by_count(const int32_t* __restrict v, int64_t m, int64_t k,
+                                               int32_t* __restrict counts) {
+  for (int64_t a = 0; a < m; ++a) counts[a] = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const int32_t vj = v[j];
+    for (int64_t a = 0; a < m; ++a) counts[a] += vj >= v[a];
+  }
+  int32_t best = INT32_MIN;
+  for (int64_t a = 0; a < m; ++a) best = std::max(best, counts[a] >= k ? v[a] : INT32_MIN);
+  return best;
+}
+
+// out[rank] for the m candidate words (k <= m <= a few dozen): each word's rank is the number
+// of smaller words (all distinct: their indices differ), counted branch-free.
+SRP_VECTOR_CLONES void place_by_rank(const uint64_t* __restrict w, int64_t m, int64_t k, const float* x,
+                                     float* out_v, int32_t* out_i, int32_t* __restrict ranks) {
+  for (int64_t a = 0; a < m; ++a) ranks[a] = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const uint64_t wj = w[j];
+    for (int64_t a = 0; a < m; ++a) ranks[a] += wj < w[a];
+  }
+  for (int64_t a = 0; a < m; ++a) {
+    if (ranks[a] < k) {
+      const int32_t i = static_cast<int32_t>(w[a] & 0xffffffffu);
+      out_i[ranks[a]] = i;
+      out_v[ranks[a]] = x[i];
     }
   }
-  if (m > k) std::nth_element(b, b + (k - 1), b + m);
-  std::sort(b, b + k);
-  for (int64_t s = 0; s < k; ++s) {
-    const int32_t i = static_cast<int32_t>(b[s] & 0xffffffffu);
-    out_i[s] = i;
-    out_v[s] = x[i];
+}
+
+// The words of the entries with key >= floor, in index order, into w (capacity cap > k). When
+// it fills, nth_element keeps the k best and the floor rises past the k-th best key (a later
+// entry equal to it has a higher index, so it ranks below). Returns how many words w holds
+// (>= k whenever at least k keys are >= the first floor).
+int64_t collect_candidates(const int32_t* keys, int64_t n, int64_t k, int32_t floor, uint64_t* w, int64_t cap) {
+  int64_t m = 0;
+  bool closed = false;  // the floor passed the largest key: nothing later can rank
+  auto offer = [&](int64_t i) {
+    if (keys[i] < floor) return;
+    w[m++] = rank_word(keys[i], i);
+    if (m == cap) {
+      std::nth_element(w, w + (k - 1), w + m);
+      m = k;
+      const int32_t bar = word_key(w[k - 1]);
+      if (bar == INT32_MAX) closed = true;
+      else floor = bar + 1;
+    }
+  };
+  int64_t i0 = 0;
+#if defined(__SSE2__)
+  // 16 keys per step: one compare-and-mask, then only the entries at or above the floor
+  for (; i0 + 16 <= n && !closed; i0 += 16) {
+    const __m128i f = _mm_set1_epi32(floor);
+    const __m128i* p = reinterpret_cast<const __m128i*>(keys + i0);
+    const __m128i b0 = _mm_cmpgt_epi32(f, _mm_loadu_si128(p)), b1 = _mm_cmpgt_epi32(f, _mm_loadu_si128(p + 1));
+    const __m128i b2 = _mm_cmpgt_epi32(f, _mm_loadu_si128(p + 2)), b3 = _mm_cmpgt_epi32(f, _mm_loadu_si128(p + 3));
+    const __m128i below = _mm_packs_epi16(_mm_packs_epi32(b0, b1), _mm_packs_epi32(b2, b3));
+    uint32_t mask = ~static_cast<uint32_t>(_mm_movemask_epi8(below)) & 0xffffu;
+    while (mask != 0 && !closed) {
+      offer(i0 + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+#endif
+  for (; i0 < n && !closed; ++i0) offer(i0);
+  return m;
+}
+
+// The k best entries of one row. The row's keys are split into G = max(2k, 16) strided groups;
+// the k-th largest group maximum is a floor at or below the row's k-th best key (k distinct
+// entries reach it), and usually only a few more than k entries clear it, so one masked pass
+// collects them and a small selection orders them. Rows too short for groups (n < 2G) take
+// every entry as a candidate. Ties: the lower index ranks first (rank_word), as lax.top_k.
+void topk_row(const float* x, int64_t n, int64_t k, float* out_v, int32_t* out_i, TopKScratch& s) {
+  const int64_t G = std::min<int64_t>(n, std::max<int64_t>(2 * k, 16));
+  const bool grouped = 2 * G <= n;
+  const int64_t cap = std::max<int64_t>(4 * k, 128);
+  s.keys.resize(n);
+  s.maxima.resize(G);
+  s.counts.resize(std::max<int64_t>(G, 64));
+  s.words.resize(cap);
+  int32_t floor = INT32_MIN;
+  if (grouped) {
+    keys_and_group_maxima(x, n, s.keys.data(), s.maxima.data(), G);
+    if (G <= 128) {
+      floor = kth_largest_by_count(s.maxima.data(), G, k, s.counts.data());
+    } else {
+      std::nth_element(s.maxima.begin(), s.maxima.begin() + (k - 1), s.maxima.end(), std::greater<int32_t>());
+      floor = s.maxima[k - 1];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      int32_t bits;
+      std::memcpy(&bits, x + i, sizeof(bits));
+      s.keys[i] = order_key(bits);
+    }
+  }
+  uint64_t* w = s.words.data();
+  int64_t m = collect_candidates(s.keys.data(), n, k, floor, w, cap);
+  if (m <= 64) {
+    place_by_rank(w, m, k, x, out_v, out_i, s.counts.data());
+    return;
+  }
+  if (m > k) std::nth_element(w, w + (k - 1), w + m);
+  std::sort(w, w + k);
+  for (int64_t r = 0; r < k; ++r) {
+    const int32_t i = static_cast<int32_t>(w[r] & 0xffffffffu);
+    out_i[r] = i;
+    out_v[r] = x[i];
   }
 }
 
@@ -159,10 +272,10 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
   const int64_t per_chunk = std::max<int64_t>(1, (int64_t{1} << 16) / n);
   const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
   parallel_chunks(pool, chunks, [=](int64_t c) {
-    thread_local std::vector<uint64_t> buffer;
+    thread_local TopKScratch scratch;
     const int64_t end = std::min(rows, (c + 1) * per_chunk);
     for (int64_t r = c * per_chunk; r < end; ++r) {
-      topk_row(xp + r * n, n, k, vp + r * k, ip + r * k, buffer);
+      topk_row(xp + r * n, n, k, vp + r * k, ip + r * k, scratch);
     }
   });
   return ffi::Error::Success();
@@ -190,11 +303,6 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 // acc[j] += c * r[j]: one IEEE product and one sum per element (no FMA), vectorised per clone.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SRP_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SRP_VECTOR_CLONES
-#endif
 
 SRP_VECTOR_CLONES void add_scaled(float* __restrict acc,
                                                                   const float* __restrict r,

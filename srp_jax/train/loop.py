@@ -219,7 +219,7 @@ def run_training(
         with _stop_signals() as caught:
             progress.start(start)
             for step in range(start + 1, steps + 1):
-                batch = fns.sample(data, state.rng, state.step + 1)
+                batch = fns.sample(data, state.rng, step)  # the host's count: no device add to dispatch
                 state, metrics = fns.step(state, batch)
                 if serialize:
                     jax.block_until_ready(state)
