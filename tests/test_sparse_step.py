@@ -46,8 +46,9 @@ def _setup(D=48, d=12, B=37, seed=0):
     return params, x / jnp.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.mark.parametrize("kernel_path", ["native", "xla"], indirect=True)
 @pytest.mark.parametrize("block, unrolled", [(1, 64), (1, 0), (4, 64), (16, 0), (None, 64)])
-def test_kernels_match_dense_formulas_for_any_block(block, unrolled, monkeypatch, request):
+def test_kernels_match_dense_formulas_for_any_block(block, unrolled, kernel_path, monkeypatch, request):
     # budgets in floats: 1 row, 4 rows (k 5, d 12), 16 rows, one block; the encoder's blocks
     # written out one by one (unrolled 64) or looped over (0)
     monkeypatch.setattr(S, "CPU_BLOCK_ELEMENTS", None if block is None else block * 5 * 12)

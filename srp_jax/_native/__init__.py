@@ -1,6 +1,7 @@
-"""Native CPU kernels (top-k, grouped scatter-add of rows) for XLA's FFI, built on first use.
+"""Native CPU kernels (top-k, gathered-row sums and dots, grouped scatter-add of rows) for
+XLA's FFI, built on first use.
 
-XLA:CPU runs ``lax.top_k`` and scatter loops on one thread; ``kernels.cc`` does the same work
+XLA:CPU runs ``lax.top_k``, gather and scatter loops on one thread; ``kernels.cc`` does the same work
 over the thread pool XLA hands to FFI calls (docs/performance.md). The source ships with the
 package and is compiled once per machine with the C++ compiler (``$CXX``, else ``g++``) against
 the FFI headers jaxlib ships (``jax.ffi.include_dir()``), into
@@ -12,6 +13,9 @@ once with the compiler's message.
 
 * :func:`load` — build (if needed) and register the kernels; True when they can be called.
 * :func:`topk` — ``(values, indices)`` (..., k) of x (..., n), as ``jax.lax.top_k``.
+* :func:`combine_rows` — ``sum_{s < k_p} coef[b, s] * table[indices[b, s]]`` (B, P, d) at
+  nested budgets k_p (the sparse decode).
+* :func:`dot_rows` — ``table[indices[b, s]] . probe[b, p]`` (B, P, k).
 * :func:`scatter_rows` — ``out[f] = sum_{indices[b, s] == f} coef[b, s] * rows[b]`` (W, d),
   or its transpose (d, W).
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 #: set to ``0`` to keep the XLA loops (no build, no native calls)
 ENV = "SRP_JAX_NATIVE"
@@ -36,7 +41,8 @@ SOURCE = Path(__file__).with_name("kernels.cc")
 LIBRARY_NAME = "libsrp_native.so"
 #: -ffp-contract=off: no fused multiply-adds, the plain products and sums of the XLA loops
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
-TARGETS = {"srp_topk": "SrpTopK", "srp_scatter_rows": "SrpScatterRows"}
+TARGETS = {"srp_topk": "SrpTopK", "srp_scatter_rows": "SrpScatterRows", "srp_combine_rows": "SrpCombineRows",
+           "srp_dot_rows": "SrpDotRows"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -148,4 +154,27 @@ def scatter_rows(coef: jax.Array, rows: jax.Array, indices: jax.Array, width: in
     return call(coef.astype(jnp.float32), rows.astype(jnp.float32), indices.astype(jnp.int32), transpose=bool(transpose))
 
 
-__all__ = ["ENV", "load", "topk", "scatter_rows", "library_path", "build"]
+def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, prefixes: tuple[int, ...] | None = None) -> jax.Array:
+    """``out[b, p] = sum_{s < prefixes[p]} coef[b, s] * table[indices[b, s]]`` (B, P, d) for
+    table (W, d), coef and indices (B, k); ``prefixes`` ascending in [1, k] (default: (k,)).
+    Each sum runs in slot order, one product and one sum per term. Indices outside [0, W)
+    raise at run time. Call :func:`load` first."""
+    B, k = indices.shape
+    prefixes = (int(k),) if prefixes is None else tuple(int(p) for p in prefixes)
+    out = jax.ShapeDtypeStruct((B, len(prefixes), table.shape[1]), jnp.float32)
+    call = jax.ffi.ffi_call("srp_combine_rows", out, vmap_method="sequential")
+    return call(table.astype(jnp.float32), coef.astype(jnp.float32), indices.astype(jnp.int32),
+                prefixes=np.asarray(prefixes, np.int64))
+
+
+def dot_rows(table: jax.Array, probe: jax.Array, indices: jax.Array) -> jax.Array:
+    """``out[b, p, s] = table[indices[b, s]] . probe[b, p]`` (B, P, k) for table (W, d), probe
+    (B, P, d) and indices (B, k), each dot summed in a fixed order. Indices outside [0, W)
+    raise at run time. Call :func:`load` first."""
+    B, k = indices.shape
+    out = jax.ShapeDtypeStruct((B, probe.shape[1], k), jnp.float32)
+    call = jax.ffi.ffi_call("srp_dot_rows", out, vmap_method="sequential")
+    return call(table.astype(jnp.float32), probe.astype(jnp.float32), indices.astype(jnp.int32))
+
+
+__all__ = ["ENV", "load", "topk", "combine_rows", "dot_rows", "scatter_rows", "library_path", "build"]

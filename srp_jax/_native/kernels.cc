@@ -1,12 +1,18 @@
 // srp-jax's native CPU kernels, called from XLA through its FFI (jax.ffi.ffi_call).
 //
-// XLA:CPU runs its top-k and scatter-add loops on one thread; these two kernels split the same
+// XLA:CPU runs its top-k, gather and scatter-add loops on one thread; these kernels split the same
 // work over the intra-op thread pool XLA hands to FFI calls, and give the same results:
 //
 //   srp_topk         x (..., n) f32 -> values, indices (..., k): the k largest of each row
 //                    in the order jax.lax.top_k returns them (a total order on floats in which
 //                    -0.0 < +0.0 and NaN with the sign bit clear is largest; equal values ->
 //                    the lower index first). Bitwise equal to lax.top_k.
+//   srp_combine_rows table (W, d) f32, coef (B, k) f32, indices (B, k) s32, prefixes [P]
+//                    -> out (B, P, d): out[b, p] = sum over s < prefixes[p], in slot order, of
+//                    coef[b, s] * table[indices[b, s]] (the sparse decode, at nested budgets).
+//   srp_dot_rows     table (W, d) f32, probe (B, P, d) f32, indices (B, k) s32
+//                    -> out (B, P, k): table[indices[b, s]] . probe[b, p], summed in a fixed
+//                    order (eight lanes, then the lanes, then the tail).
 //   srp_scatter_rows coef (B, k) f32, rows (B, d) f32, indices (B, k) s32
 //                    -> out (W, d) f32 (or (d, W) with transpose=true):
 //                    out[f] = sum over entries (b, s) with indices[b, s] == f, in ascending
@@ -408,6 +414,136 @@ ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef, ffi::Bu
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gathered rows: sums and dot products over the k table rows each example selects
+
+// sum of a[j] * b[j] in a fixed order: 32 running partial sums (lane j % 32: four independent
+// vector chains), combined in a fixed tree, then the tail: vectorised per clone, the same
+// bits on every clone.
+SRP_VECTOR_CLONES float dot_fixed(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float lane[32] = {};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    for (int u = 0; u < 32; ++u) lane[u] += a[j + u] * b[j + u];
+  }
+  for (int u = 0; u < 16; ++u) lane[u] += lane[u + 16];
+  for (int u = 0; u < 8; ++u) lane[u] += lane[u + 8];
+  for (; j + 8 <= d; j += 8) {
+    for (int u = 0; u < 8; ++u) lane[u] += a[j + u] * b[j + u];
+  }
+  float total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; j < d; ++j) total += a[j] * b[j];
+  return total;
+}
+
+// Asks for a table row (d floats) ahead of its use: rows are gathered at random, so the
+// hardware prefetcher cannot see the next one coming.
+inline void prefetch_row(const float* row, int64_t d) {
+  for (int64_t j = 0; j < d; j += 16) __builtin_prefetch(row + j);
+}
+
+// Rows per chunk of the gathered-row kernels: about 64k multiply-adds of work each.
+inline int64_t rows_per_chunk(int64_t work_per_row) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row));
+}
+
+// First out-of-range index of a (B, k) index array, or -1 when all lie in [0, W).
+int64_t first_bad_index(const int32_t* ip, int64_t n, int64_t W) {
+  for (int64_t e = 0; e < n; ++e) {
+    if (ip[e] < 0 || ip[e] >= W) return e;
+  }
+  return -1;
+}
+
+ffi::Error CombineRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> coef,
+                       ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::Span<const int64_t> prefixes) {
+  const auto tdims = table.dimensions();
+  const auto cdims = coef.dimensions();
+  const auto idims = indices.dimensions();
+  const auto odims = out->dimensions();
+  const int64_t P = static_cast<int64_t>(prefixes.size());
+  if (tdims.size() != 2 || cdims.size() != 2 || idims.size() != 2 || cdims[0] != idims[0] ||
+      cdims[1] != idims[1] || odims.size() != 3 || odims[0] != cdims[0] || odims[1] != P || odims[2] != tdims[1]) {
+    return ffi::Error::InvalidArgument(
+        "srp_combine_rows: want table (W, d), coef (B, k), indices (B, k) and an output (B, P, d)");
+  }
+  const int64_t W = tdims[0], d = tdims[1], B = cdims[0], k = cdims[1];
+  for (int64_t p = 0; p < P; ++p) {
+    if (prefixes[p] < 1 || prefixes[p] > k || (p > 0 && prefixes[p] < prefixes[p - 1])) {
+      return ffi::Error::InvalidArgument("srp_combine_rows: prefixes must ascend within [1, k]");
+    }
+  }
+  const int32_t* ip = indices.typed_data();
+  const int64_t bad = first_bad_index(ip, B * k, W);
+  if (bad >= 0) {
+    return ffi::Error::InvalidArgument("srp_combine_rows: index " + std::to_string(ip[bad]) + " out of range [0, " +
+                                       std::to_string(W) + ")");
+  }
+  const float* tp = table.typed_data();
+  const float* cp = coef.typed_data();
+  float* op = out->typed_data();
+  std::vector<int64_t> ends(prefixes.begin(), prefixes.end());
+  const int64_t per_chunk = rows_per_chunk(k * d);
+  parallel_chunks(pool, (B + per_chunk - 1) / per_chunk, [=, &ends](int64_t c) {
+    const int64_t end = std::min(B, (c + 1) * per_chunk);
+    for (int64_t b = c * per_chunk; b < end; ++b) {
+      // slots in order into out[b, 0]; at each prefix the sum so far is carried to the next
+      float* acc = op + b * P * d;
+      std::fill(acc, acc + d, 0.0f);
+      int64_t s = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        for (; s < ends[p]; ++s) {
+          const int64_t ahead = b * k + s + 2;  // two slots ahead (the next example's first rows)
+          if (ahead < B * k) prefetch_row(tp + static_cast<int64_t>(ip[ahead]) * d, d);
+          add_scaled(acc, tp + static_cast<int64_t>(ip[b * k + s]) * d, cp[b * k + s], d);
+        }
+        if (p + 1 < P) {
+          std::memcpy(acc + d, acc, sizeof(float) * d);
+          acc += d;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DotRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> probe,
+                   ffi::Buffer<ffi::S32> indices, ffi::ResultBuffer<ffi::F32> out) {
+  const auto tdims = table.dimensions();
+  const auto pdims = probe.dimensions();
+  const auto idims = indices.dimensions();
+  const auto odims = out->dimensions();
+  if (tdims.size() != 2 || pdims.size() != 3 || idims.size() != 2 || pdims[0] != idims[0] || pdims[2] != tdims[1] ||
+      odims.size() != 3 || odims[0] != idims[0] || odims[1] != pdims[1] || odims[2] != idims[1]) {
+    return ffi::Error::InvalidArgument(
+        "srp_dot_rows: want table (W, d), probe (B, P, d), indices (B, k) and an output (B, P, k)");
+  }
+  const int64_t W = tdims[0], d = tdims[1], B = idims[0], P = pdims[1], k = idims[1];
+  const int32_t* ip = indices.typed_data();
+  const int64_t bad = first_bad_index(ip, B * k, W);
+  if (bad >= 0) {
+    return ffi::Error::InvalidArgument("srp_dot_rows: index " + std::to_string(ip[bad]) + " out of range [0, " +
+                                       std::to_string(W) + ")");
+  }
+  const float* tp = table.typed_data();
+  const float* pp = probe.typed_data();
+  float* op = out->typed_data();
+  const int64_t per_chunk = rows_per_chunk(k * d * P);
+  parallel_chunks(pool, (B + per_chunk - 1) / per_chunk, [=](int64_t c) {
+    const int64_t end = std::min(B, (c + 1) * per_chunk);
+    for (int64_t b = c * per_chunk; b < end; ++b) {
+      for (int64_t s = 0; s < k; ++s) {
+        const int64_t ahead = b * k + s + 2;
+        if (ahead < B * k) prefetch_row(tp + static_cast<int64_t>(ip[ahead]) * d, d);
+        const float* row = tp + static_cast<int64_t>(ip[b * k + s]) * d;
+        for (int64_t p = 0; p < P; ++p) op[(b * P + p) * k + s] = dot_fixed(row, pp + (b * P + p) * d, d);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SrpTopK, TopK,
@@ -425,3 +561,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SrpScatterRows, ScatterRows,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SrpCombineRows, CombineRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("prefixes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SrpDotRows, DotRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

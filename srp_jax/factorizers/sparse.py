@@ -321,10 +321,19 @@ def _combine_by_slots(table: jax.Array, coef: jax.Array, indices: jax.Array, blo
     return _map_blocks(fn, [coef, indices], ((d,),), block)[0]
 
 
+def _native_rows(block: int | None, *arrays: jax.Array) -> bool:
+    """(trace time) Whether a gathered-row kernel runs natively: :func:`native_kernels`, no
+    explicit ``block`` and float32 operands (a float64 pass keeps its precision in XLA)."""
+    return block is None and all(a.dtype == jnp.float32 for a in arrays) and native_kernels()
+
+
 def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
-    """``sum_s coef[b, s] * table[indices[b, s]]`` (B, d): the sparse decode kernel. On CPU a
-    loop over the k slots (:func:`_combine_by_slots`, blocks of ``block`` rows, default
+    """``sum_s coef[b, s] * table[indices[b, s]]`` (B, d): the sparse decode kernel. With the
+    native kernels (:func:`_native_rows`) ``srp_combine_rows`` over the thread pool; else on CPU
+    a loop over the k slots (:func:`_combine_by_slots`, blocks of ``block`` rows, default
     :func:`default_decode_rows`); elsewhere one gather of the (B, k, d) rows and a contraction."""
+    if _native_rows(block, table, coef):
+        return _native.combine_rows(table, coef, indices)[:, 0]
     if jax.default_backend() in SLOT_DECODE_BACKENDS:
         block = default_decode_rows(indices.shape[0], table.shape[1]) if block is None else block
         return _combine_by_slots(table, coef, indices, block)
@@ -334,7 +343,10 @@ def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, block: i
 
 
 def dot_rows(table: jax.Array, probe: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
-    """``table[indices[b, s]] . probe[b]`` (B, k): the transpose of :func:`combine_rows` in coef."""
+    """``table[indices[b, s]] . probe[b]`` (B, k): the transpose of :func:`combine_rows` in coef
+    (natively ``srp_dot_rows`` where :func:`_native_rows` allows)."""
+    if _native_rows(block, table, probe):
+        return _native.dot_rows(table, probe[:, None], indices)[:, 0]
     block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
     fn = lambda p, i: (jnp.einsum("bd,bkd->bk", p, _gather(table, i), precision=HIGHEST),)  # noqa: E731
     return _map_blocks(fn, [probe, indices], ((indices.shape[1],),), block)[0]
@@ -344,7 +356,10 @@ def combine_and_dot_rows(
     table: jax.Array, coef: jax.Array, indices: jax.Array, probe: jax.Array, block: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """(:func:`combine_rows`, :func:`dot_rows`) of the same rows from one gather pass:
-    ``sum_s coef[b, s] table[i_bs]`` (B, d) and ``table[i_bs] . probe[b]`` (B, k)."""
+    ``sum_s coef[b, s] table[i_bs]`` (B, d) and ``table[i_bs] . probe[b]`` (B, k) (natively
+    two kernel calls where :func:`_native_rows` allows)."""
+    if _native_rows(block, table, coef, probe):
+        return combine_rows(table, coef, indices), dot_rows(table, probe, indices)
     block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
 
     def fn(c, i, p):
@@ -475,6 +490,17 @@ def _level_errors(decoder, values, indices, target, levels, block):
     d = decoder.shape[1]
     L = len(levels)
     slot = jnp.arange(k)
+    if _native_rows(block, decoder, values, target):
+        # the decode at every budget in one slot-order pass, then the L residuals' dots with
+        # the k rows (zero beyond each budget, as below)
+        budgets = sorted(set(levels))  # the kernel's prefixes ascend; levels may come in any order
+        xhat = _native.combine_rows(decoder, values, indices, tuple(budgets))
+        if tuple(budgets) != levels:
+            xhat = xhat[:, [budgets.index(kl) for kl in levels]]
+        r = xhat - target[:, None, :]  # (B, L, d)
+        q = _native.dot_rows(decoder, r, indices)  # (B, L, k)
+        q = jnp.where(slot[None, None, :] < jnp.asarray(levels)[None, :, None], q, 0.0)
+        return jnp.sum(r * r, axis=-1).T, jnp.moveaxis(r, 1, 0), jnp.moveaxis(q, 1, 0)
 
     def fn(v, i, y):
         rows = _gather(decoder, i)  # (b, k, d)
