@@ -21,8 +21,10 @@ summation order. Loops: on CPU the gathers run over blocks of rows
 (:func:`default_block_rows`), so the (block, k, d) rows they touch stay in cache and no
 (B, k, d) array is ever materialised, and the scatter-adds run grouped by table row
 (:func:`scatter_plan`: one cheap integer sort, then each decoder row / encoder column takes
-its updates while it is in cache); on accelerators one block is the whole batch. All loops
-are sequential, so results are deterministic (bitwise resume).
+its updates while it is in cache); on accelerators one block is the whole batch. Where the
+native CPU kernels load (:func:`native_kernels`) the top-k, the gathered-row sums and dots and
+the scatter-adds run as those instead. Every loop and kernel sums in a fixed order, so results
+are deterministic (bitwise resume).
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ SORTED_SCATTER_BLOCK = 512
 LOOP_TRANSPOSE_BACKENDS = ("cpu",)
 #: table rows per step of that loop
 LOOP_TRANSPOSE_ROWS = 32
-#: backends whose top-k and grouped scatter-adds run as srp-jax's native kernels
-#: (:mod:`srp_jax._native`: the same results over XLA's thread pool, where XLA:CPU's own run on
-#: one thread) when they build on this machine; otherwise the XLA loops above
+#: backends whose top-k, gathered-row sums and dots (float32) and grouped scatter-adds run as
+#: srp-jax's native kernels (:mod:`srp_jax._native`: the same results over XLA's thread pool,
+#: where XLA:CPU's own run on one thread) when they build on this machine; otherwise the XLA
+#: loops above
 NATIVE_KERNEL_BACKENDS = ("cpu",)
 
 
