@@ -447,12 +447,20 @@ inline int64_t rows_per_chunk(int64_t work_per_row) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row));
 }
 
-// First out-of-range index of a (B, k) index array, or -1 when all lie in [0, W).
-int64_t first_bad_index(const int32_t* ip, int64_t n, int64_t W) {
+// Success when all n indices lie in [0, W); else an error naming the kernel and the index.
+ffi::Error check_indices(const char* kernel, const int32_t* ip, int64_t n, int64_t W) {
   for (int64_t e = 0; e < n; ++e) {
-    if (ip[e] < 0 || ip[e] >= W) return e;
+    if (ip[e] < 0 || ip[e] >= W) {
+      return ffi::Error::InvalidArgument(std::string(kernel) + ": index " + std::to_string(ip[e]) +
+                                         " out of range [0, " + std::to_string(W) + ")");
+    }
   }
-  return -1;
+  return ffi::Error::Success();
+}
+
+// Prefetches the table row of entry e + 2 of the n gathered entries (two slots ahead).
+inline void prefetch_ahead(const float* table, const int32_t* ip, int64_t e, int64_t n, int64_t d) {
+  if (e + 2 < n) prefetch_row(table + static_cast<int64_t>(ip[e + 2]) * d, d);
 }
 
 ffi::Error CombineRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> coef,
@@ -475,11 +483,7 @@ ffi::Error CombineRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::B
     }
   }
   const int32_t* ip = indices.typed_data();
-  const int64_t bad = first_bad_index(ip, B * k, W);
-  if (bad >= 0) {
-    return ffi::Error::InvalidArgument("srp_combine_rows: index " + std::to_string(ip[bad]) + " out of range [0, " +
-                                       std::to_string(W) + ")");
-  }
+  if (ffi::Error bad = check_indices("srp_combine_rows", ip, B * k, W); bad.failure()) return bad;
   const float* tp = table.typed_data();
   const float* cp = coef.typed_data();
   float* op = out->typed_data();
@@ -494,8 +498,7 @@ ffi::Error CombineRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::B
       int64_t s = 0;
       for (int64_t p = 0; p < P; ++p) {
         for (; s < ends[p]; ++s) {
-          const int64_t ahead = b * k + s + 2;  // two slots ahead (the next example's first rows)
-          if (ahead < B * k) prefetch_row(tp + static_cast<int64_t>(ip[ahead]) * d, d);
+          prefetch_ahead(tp, ip, b * k + s, B * k, d);
           add_scaled(acc, tp + static_cast<int64_t>(ip[b * k + s]) * d, cp[b * k + s], d);
         }
         if (p + 1 < P) {
@@ -521,11 +524,7 @@ ffi::Error DotRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffe
   }
   const int64_t W = tdims[0], d = tdims[1], B = idims[0], P = pdims[1], k = idims[1];
   const int32_t* ip = indices.typed_data();
-  const int64_t bad = first_bad_index(ip, B * k, W);
-  if (bad >= 0) {
-    return ffi::Error::InvalidArgument("srp_dot_rows: index " + std::to_string(ip[bad]) + " out of range [0, " +
-                                       std::to_string(W) + ")");
-  }
+  if (ffi::Error bad = check_indices("srp_dot_rows", ip, B * k, W); bad.failure()) return bad;
   const float* tp = table.typed_data();
   const float* pp = probe.typed_data();
   float* op = out->typed_data();
@@ -534,8 +533,7 @@ ffi::Error DotRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffe
     const int64_t end = std::min(B, (c + 1) * per_chunk);
     for (int64_t b = c * per_chunk; b < end; ++b) {
       for (int64_t s = 0; s < k; ++s) {
-        const int64_t ahead = b * k + s + 2;
-        if (ahead < B * k) prefetch_row(tp + static_cast<int64_t>(ip[ahead]) * d, d);
+        prefetch_ahead(tp, ip, b * k + s, B * k, d);
         const float* row = tp + static_cast<int64_t>(ip[b * k + s]) * d;
         for (int64_t p = 0; p < P; ++p) op[(b * P + p) * k + s] = dot_fixed(row, pp + (b * P + p) * d, d);
       }
