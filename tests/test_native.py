@@ -142,8 +142,61 @@ def test_gathered_row_kernels_refuse_bad_input(native):
         jax.block_until_ready(native.combine_rows(table, coef, np.array([[0, 1], [4, 2]], np.int32)))
     with pytest.raises(Exception, match=r"srp_dot_rows: index -1 out of range"):
         jax.block_until_ready(native.dot_rows(table, np.ones((2, 1, 3), np.float32), np.array([[0, -1], [1, 2]], np.int32)))
-    with pytest.raises(Exception, match="prefixes must ascend"):
-        jax.block_until_ready(native.combine_rows(table, coef, np.zeros((2, 2), np.int32), (2, 1)))
+    for bad in ((2, 1), (), (0, 2), (3,)):
+        with pytest.raises(ValueError, match="ascending budgets"):
+            native.combine_rows(table, coef, np.zeros((2, 2), np.int32), bad)
+    # the kernel's own guard, the wrapper bypassed (XLA skips a call whose output is empty, so
+    # no prefixes never reach it; the kernel refuses them all the same)
+    call = jax.ffi.ffi_call("srp_combine_rows", jax.ShapeDtypeStruct((2, 2, 3), jnp.float32))
+    with pytest.raises(Exception, match="srp_combine_rows: prefixes must ascend"):
+        jax.block_until_ready(call(table, coef, np.zeros((2, 2), np.int32), prefixes=np.asarray([2, 1], np.int64)))
+
+
+@needs_native
+def test_topk_stops_at_the_largest_key(native):
+    # rows of NaN 0x7fffffff (the largest key): the candidate buffer fills, the k-th best is
+    # the largest key, and nothing later can rank
+    x = np.full((3, 1024), np.uint32(0x7FFFFFFF).view(np.float32))
+    x[1, 700:] = 1.0
+    want = jax.lax.top_k(x, 32)
+    got = native.topk(jnp.asarray(x), 32)
+    _same_bits(got[0], want[0])
+    _same_bits(got[1], want[1])
+
+
+@needs_native
+def test_gathered_row_kernels_vmap_and_differentiate(native, monkeypatch):
+    from srp_jax.factorizers import sparse as S
+
+    rng = np.random.default_rng(11)
+    table = jnp.asarray(rng.standard_normal((20, 9)).astype(np.float32))
+    coef = jnp.asarray(rng.standard_normal((3, 6, 4)).astype(np.float32))
+    idx = jnp.asarray(rng.integers(0, 20, (3, 6, 4)).astype(np.int32))
+    probe = jnp.asarray(rng.standard_normal((3, 6, 9)).astype(np.float32))
+    got = jax.vmap(lambda c, i: native.combine_rows(table, c, i)[:, 0])(coef, idx)
+    np.testing.assert_allclose(got, np.einsum("nbk,nbkd->nbd", coef, np.asarray(table)[idx]), rtol=1e-5, atol=1e-5)
+    dots = jax.vmap(lambda p, i: native.dot_rows(table, p[:, None], i)[:, 0])(probe, idx)
+    np.testing.assert_allclose(dots, np.einsum("nbkd,nbd->nbk", np.asarray(table)[idx], probe), rtol=1e-5, atol=1e-5)
+
+    # the public kernels differentiate on the native path as on the XLA one; duplicate and
+    # unordered budgets of the reconstruction errors agree too
+    c, i, p = coef[0], idx[0], probe[0]
+    code = S.SparseCode(c, i)
+
+    def terms():
+        grads = jax.grad(lambda t, c, p: jnp.sum(S.combine_rows(t, c, i) ** 2) + jnp.sum(S.dot_rows(t, p, i) ** 2),
+                         argnums=(0, 1, 2))(table, c, p)
+        return (*grads, S.squared_errors(table, code, p, (4, 2, 4, 3)))
+
+    jax.clear_caches()
+    native_terms = terms()
+    monkeypatch.setattr(S, "NATIVE_KERNEL_BACKENDS", ())
+    jax.clear_caches()
+    try:
+        for a, b in zip(native_terms, terms()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        jax.clear_caches()
 
 
 @needs_native

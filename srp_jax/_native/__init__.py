@@ -161,6 +161,8 @@ def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, prefixes
     raise at run time. Call :func:`load` first."""
     B, k = indices.shape
     prefixes = (int(k),) if prefixes is None else tuple(int(p) for p in prefixes)
+    if not prefixes or min(prefixes) < 1 or max(prefixes) > k or list(prefixes) != sorted(prefixes):
+        raise ValueError(f"combine_rows: prefixes {prefixes} must be one or more ascending budgets in [1, {k}]")
     out = jax.ShapeDtypeStruct((B, len(prefixes), table.shape[1]), jnp.float32)
     call = jax.ffi.ffi_call("srp_combine_rows", out, vmap_method="sequential")
     return call(table.astype(jnp.float32), coef.astype(jnp.float32), indices.astype(jnp.int32),

@@ -12,7 +12,7 @@
 //                    coef[b, s] * table[indices[b, s]] (the sparse decode, at nested budgets).
 //   srp_dot_rows     table (W, d) f32, probe (B, P, d) f32, indices (B, k) s32
 //                    -> out (B, P, k): table[indices[b, s]] . probe[b, p], summed in a fixed
-//                    order (eight lanes, then the lanes, then the tail).
+//                    order (32 partial sums folded to 8, then the lanes, then the tail).
 //   srp_scatter_rows coef (B, k) f32, rows (B, d) f32, indices (B, k) s32
 //                    -> out (W, d) f32 (or (d, W) with transpose=true):
 //                    out[f] = sum over entries (b, s) with indices[b, s] == f, in ascending
@@ -477,6 +477,7 @@ ffi::Error CombineRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::B
         "srp_combine_rows: want table (W, d), coef (B, k), indices (B, k) and an output (B, P, d)");
   }
   const int64_t W = tdims[0], d = tdims[1], B = cdims[0], k = cdims[1];
+  if (P < 1) return ffi::Error::InvalidArgument("srp_combine_rows: prefixes must not be empty");
   for (int64_t p = 0; p < P; ++p) {
     if (prefixes[p] < 1 || prefixes[p] > k || (p > 0 && prefixes[p] < prefixes[p - 1])) {
       return ffi::Error::InvalidArgument("srp_combine_rows: prefixes must ascend within [1, k]");

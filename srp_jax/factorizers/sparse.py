@@ -330,13 +330,52 @@ def _native_rows(block: int | None, *arrays: jax.Array) -> bool:
     return block is None and all(a.dtype == jnp.float32 for a in arrays) and native_kernels()
 
 
+@jax.custom_vjp
+def _native_combine(table: jax.Array, coef: jax.Array, indices: jax.Array) -> jax.Array:
+    """``srp_combine_rows`` at the full budget (B, d), differentiable in table and coef (the FFI
+    call itself has no gradient rule): the transposes are :func:`scatter_add_rows` and
+    :func:`dot_rows`."""
+    return _native.combine_rows(table, coef, indices)[:, 0]
+
+
+def _native_combine_fwd(table, coef, indices):
+    return _native_combine(table, coef, indices), (table, coef, indices)
+
+
+def _native_combine_bwd(res, g):
+    table, coef, indices = res
+    return scatter_add_rows(coef, g, indices, table.shape[0]), dot_rows(table, g, indices), None
+
+
+_native_combine.defvjp(_native_combine_fwd, _native_combine_bwd)
+
+
+@jax.custom_vjp
+def _native_dot(table: jax.Array, probe: jax.Array, indices: jax.Array) -> jax.Array:
+    """``srp_dot_rows`` of one probe per row (B, k), differentiable in table and probe: the
+    transposes are :func:`scatter_add_rows` and :func:`combine_rows`."""
+    return _native.dot_rows(table, probe[:, None], indices)[:, 0]
+
+
+def _native_dot_fwd(table, probe, indices):
+    return _native_dot(table, probe, indices), (table, probe, indices)
+
+
+def _native_dot_bwd(res, g):
+    table, probe, indices = res
+    return scatter_add_rows(g, probe, indices, table.shape[0]), combine_rows(table, g, indices), None
+
+
+_native_dot.defvjp(_native_dot_fwd, _native_dot_bwd)
+
+
 def combine_rows(table: jax.Array, coef: jax.Array, indices: jax.Array, block: int | None = None) -> jax.Array:
     """``sum_s coef[b, s] * table[indices[b, s]]`` (B, d): the sparse decode kernel. With the
     native kernels (:func:`_native_rows`) ``srp_combine_rows`` over the thread pool; else on CPU
     a loop over the k slots (:func:`_combine_by_slots`, blocks of ``block`` rows, default
     :func:`default_decode_rows`); elsewhere one gather of the (B, k, d) rows and a contraction."""
     if _native_rows(block, table, coef):
-        return _native.combine_rows(table, coef, indices)[:, 0]
+        return _native_combine(table, coef, indices)
     if jax.default_backend() in SLOT_DECODE_BACKENDS:
         block = default_decode_rows(indices.shape[0], table.shape[1]) if block is None else block
         return _combine_by_slots(table, coef, indices, block)
@@ -349,7 +388,7 @@ def dot_rows(table: jax.Array, probe: jax.Array, indices: jax.Array, block: int 
     """``table[indices[b, s]] . probe[b]`` (B, k): the transpose of :func:`combine_rows` in coef
     (natively ``srp_dot_rows`` where :func:`_native_rows` allows)."""
     if _native_rows(block, table, probe):
-        return _native.dot_rows(table, probe[:, None], indices)[:, 0]
+        return _native_dot(table, probe, indices)
     block = default_block_rows(*indices.shape, table.shape[1]) if block is None else block
     fn = lambda p, i: (jnp.einsum("bd,bkd->bk", p, _gather(table, i), precision=HIGHEST),)  # noqa: E731
     return _map_blocks(fn, [probe, indices], ((indices.shape[1],),), block)[0]
